@@ -1,0 +1,397 @@
+"""Typed experiment configuration: one YAML file per experiment, ``a.b=c`` overrides, resolved dump.
+
+Every default a method uses is a field here, so the resolved ``config.yaml`` in the run folder
+shows all of them. Unknown keys are errors that name the key and the closest valid one.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from graftkd.errors import UserError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------------------- data
+class SplitConfig(Strict):
+    """How records are split into train/val/test. Always on groups (patients), never on images."""
+
+    kind: Literal["fraction", "kfold", "official", "predefined"] = "fraction"
+    train: float = Field(0.6, gt=0, lt=1)
+    val: float = Field(0.2, ge=0, lt=1)
+    test: float = Field(0.2, ge=0, lt=1)
+    k: int = Field(5, ge=2, description="number of folds for kind=kfold")
+    fold: int = Field(0, ge=0, description="which fold is the test fold (kfold/official)")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="val carved from train groups (kfold/official/predefined)")
+    folds_csv: Path | None = Field(None, description="official BreakHis Folds.csv (fold,mag,grp,filename)")
+    file: Path | None = Field(None, description="a split CSV written by an earlier run, re-used as is")
+    seed: int | None = Field(None, description="split seed; None means the experiment seed")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "SplitConfig":
+        if self.kind == "fraction" and abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"split fractions train+val+test must sum to 1, got {self.train}+{self.val}+{self.test}")
+        return self
+
+
+class SyntheticConfig(Strict):
+    """Synthetic H&E-like histology in the BreakHis layout (the embedded default)."""
+
+    patients: int = Field(24, ge=8, description="patients in total (>= 8: every subtype gets one)")
+    images_per_patient: int = Field(8, ge=1, description="images per patient and magnification")
+    size: tuple[int, int] = Field((128, 128), description="width, height in pixels")
+    magnifications: list[Literal[40, 100, 200, 400]] = [40, 100, 200, 400]
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    source: Literal["breakhis", "synthetic", "cifar10", "cifar100", "folder", "csv"] = "synthetic"
+    root: Path | None = Field(None, description="data folder (BreaKHis_v1, CIFAR folder, image folder, CSV file)")
+    task: Literal["binary", "subtype"] = "binary"
+    magnification: Literal["all", "40", "100", "200", "400"] = "all"
+    image_size: int = Field(64, ge=8, le=2048)
+    augment: Literal["histology", "cifar", "none"] = "histology"
+    mean: tuple[float, float, float] | None = Field(None, description="None: the source's preset")
+    std: tuple[float, float, float] | None = None
+    split: SplitConfig = SplitConfig()
+    shots: int | None = Field(None, ge=1, description="few-shot: N training images per class")
+    max_per_group: int | None = Field(None, ge=1, description="few-shot: at most M images per patient")
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    num_workers: int = Field(0, ge=0)
+    decoded_cache: Literal["none", "memory", "mmap"] = "memory"
+    on_bad_file: Literal["error", "skip"] = "error"
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+# --------------------------------------------------------------------------------------- models
+class ModelConfig(Strict):
+    name: str = "resnet8"
+    pretrained: bool = False
+    checkpoint: Path | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the constructor")
+
+
+class TeacherConfig(ModelConfig):
+    """A frozen teacher: a checkpoint from `graftkd train`, or a timm name with pretrained: true."""
+
+    mean: tuple[float, float, float] | None = Field(None, description="input normalisation; None: from checkpoint or data")
+    std: tuple[float, float, float] | None = None
+
+
+class FusionConfig(Strict):
+    strategy: Literal["mean", "accuracy", "entropy", "confidence", "best"] = "accuracy"
+    tau: float = Field(0.05, gt=0, description="accuracy fusion: w = softmax(acc / tau)")
+
+
+class CacheConfig(Strict):
+    """Soft-target cache: fused teacher targets of V replayable views per training image."""
+
+    enabled: bool = False
+    views: int = Field(8, ge=1)
+    topk: int | None = Field(None, ge=1, description="store top-k + residual mass (None: full float16)")
+
+
+# -------------------------------------------------------------------------------------- methods
+class SupervisedMethod(Strict):
+    name: Literal["supervised"] = "supervised"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class DivergenceConfig(Strict):
+    kind: Literal["kl", "alpha", "alpha_beta"] = "kl"
+    alpha: float = 1.0
+    beta: float = 0.0
+    adaptive: bool = Field(False, description="alpha: per-sample max over {alpha_min, alpha_max}")
+    alpha_min: float = -1.0
+    alpha_max: float = 1.0
+    iw_clip: float = Field(5.0, gt=0)
+
+
+class KDMethod(Strict):
+    name: Literal["kd"] = "kd"
+    temperature: float = Field(4.0, gt=0)
+    ce_weight: float = Field(0.1, ge=0)
+    kd_weight: float = Field(0.9, ge=0)
+    standardize: bool = False
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    divergence: DivergenceConfig = DivergenceConfig()
+
+
+class DKDMethod(Strict):
+    name: Literal["dkd"] = "dkd"
+    temperature: float = Field(4.0, gt=0)
+    ce_weight: float = Field(1.0, ge=0)
+    alpha: float = Field(1.0, ge=0)
+    beta: float = Field(8.0, ge=0)
+    warmup_epochs: int = Field(20, ge=0)
+    standardize: bool = False
+
+
+class DMLMethod(Strict):
+    name: Literal["dml"] = "dml"
+    peers: list[ModelConfig] = Field(default_factory=list, description="extra peers besides `model`")
+    temperature: float = Field(1.0, gt=0)
+    ce_weight: float = Field(1.0, ge=0)
+    kd_weight: float = Field(1.0, ge=0)
+    teacher_weight: float = Field(0.0, ge=0, description="weight of an extra KD term to the fused teachers' target")
+
+
+class ATFMethod(Strict):
+    name: Literal["atf"] = "atf"
+    mode: Literal["atf", "offline", "offline_joint", "online"] = "atf"
+    temperature: float = Field(4.0, gt=0)
+    standardize: bool = True
+    ce_weight: float = Field(0.1, ge=0)
+    kd_weight: float = Field(0.9, ge=0)
+    divergence: DivergenceConfig = DivergenceConfig(kind="alpha", alpha=0.5)
+    lam: float = Field(1.0, ge=0, description="weight of the teacher's divergence to the student")
+    mu: float = Field(1e-3, ge=0, description="weight of ||theta_T - theta_T0||^2")
+    lr_ratio: float = Field(0.1, ge=0, description="teacher lr = ratio * student lr")
+    teacher_every: int = Field(1, ge=1)
+    warmup_epochs: int = Field(1, ge=0, description="epochs of plain offline KD before the teacher adapts")
+    teacher_bn: Literal["train", "eval"] = "eval"
+
+
+class GraftStageOptim(Strict):
+    epochs: list[int] = Field(default_factory=lambda: [20], description="epochs per unit/step (last value repeats)")
+    lr: float = Field(2.5e-4, gt=0)
+    bridge_lr: float = Field(2.5e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class GraftMethod(Strict):
+    name: Literal["graft"] = "graft"
+    target: Literal["host", "fused", "label"] = "fused"
+    host: int | None = Field(None, description="index into teachers; None: best on validation")
+    temperature: float = Field(4.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0)
+    init_from_teacher: bool = True
+    scale_with_shots: bool = Field(True, description="NetGraft rule: lr and batch x N/10")
+    stage1: GraftStageOptim = GraftStageOptim()
+    stage2: GraftStageOptim = GraftStageOptim(epochs=[20], lr=1e-4, bridge_lr=1e-4)
+
+
+MethodConfig = Annotated[
+    Union[SupervisedMethod, KDMethod, DKDMethod, DMLMethod, ATFMethod, GraftMethod],
+    Field(discriminator="name"),
+]
+METHOD_CLASSES: dict[str, type[Strict]] = {
+    c.model_fields["name"].default: c
+    for c in (SupervisedMethod, KDMethod, DKDMethod, DMLMethod, ATFMethod, GraftMethod)
+}
+
+
+# ----------------------------------------------------------------------------- optimisation/run
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(Strict):
+    name: Literal["constant", "multistep", "cosine"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    milestones: list[int] = Field(default_factory=list, description="multistep: epochs where lr *= gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class TrainerConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    channels_last: bool = False
+    compile: bool = False
+    grad_clip: float | None = Field(None, gt=0)
+    deterministic: bool = True
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
+    select_metric: Literal["val_acc", "val_loss"] = "val_acc"
+    eval_every: int = Field(1, ge=1)
+    progress: bool = True
+
+
+class OutputConfig(Strict):
+    dir: Path = Path("runs")
+    name: str | None = Field(None, description="run folder name; None: the experiment name")
+    tensorboard: bool = True
+
+
+class ExperimentConfig(Strict):
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    teachers: list[TeacherConfig] = Field(default_factory=list)
+    fusion: FusionConfig = FusionConfig()
+    teacher_cache: CacheConfig = CacheConfig()
+    method: MethodConfig = SupervisedMethod()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    output: OutputConfig = OutputConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output.dir / (self.output.name or self.name)
+
+
+# ------------------------------------------------------------------------------ loading/overrides
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], value parsed as YAML scalar/list)."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not key.strip() or any(not p for p in parts):
+        raise UserError(f"override '{text}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise UserError(f"override '{text}': value is not valid YAML ({e.__class__.__name__})") from None
+    return parts, value
+
+
+def apply_override(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for i, p in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            try:
+                node = node[int(p)]
+                continue
+            except (ValueError, IndexError):
+                raise UserError(f"override key '{'.'.join(parts)}': '{p}' is not an index of that list") from None
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, (dict, list)):
+            raise UserError(f"override key '{'.'.join(parts)}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        try:
+            node[int(last)] = value
+        except (ValueError, IndexError):
+            raise UserError(f"override key '{'.'.join(parts)}': '{last}' is not an index of that list") from None
+    else:
+        node[last] = value
+
+
+def _model_at(loc: tuple, raw: Any) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (discriminator tags skipped)."""
+    cls: Any = ExperimentConfig
+    node = raw
+    for part in loc:
+        if cls is None:
+            return None
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        if part in METHOD_CLASSES and cls is None:
+            continue
+        fields = cls.model_fields
+        if part not in fields:
+            return cls
+        ann = fields[part].annotation
+        node = node.get(part) if isinstance(node, dict) else None
+        cls = _resolve(ann, node)
+    return cls
+
+
+def _resolve(ann: Any, node: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    args = getattr(ann, "__args__", ()) or ()
+    metadata = getattr(ann, "__metadata__", None)
+    if metadata is not None:
+        return _resolve(args[0], node)
+    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    if len(models) > 1 and isinstance(node, dict):
+        return METHOD_CLASSES.get(str(node.get("name", "supervised")))
+    if models:
+        return models[0]
+    for a in args:  # list[Model]
+        r = _resolve(a, node[0] if isinstance(node, list) and node else None)
+        if r is not None:
+            return r
+    return None
+
+
+def _clean_loc(loc: tuple) -> list:
+    return [p for p in loc if not (isinstance(p, str) and p in METHOD_CLASSES and p not in ExperimentConfig.model_fields)]
+
+
+def format_validation_error(err: ValidationError, raw: dict, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = _clean_loc(tuple(e["loc"]))
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(tuple(loc[:-1]), raw)
+            hint = ""
+            if owner is not None:
+                close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1, cutoff=0.5)
+                hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + [close[0]])}'?" if close else \
+                    f" (valid: {', '.join(owner.model_fields)})"
+            lines.append(f"unknown config key '{key}'{hint}")
+        elif e["type"] == "union_tag_invalid":
+            lines.append(f"config key '{key}.name': unknown method {e['input'].get('name')!r} "
+                         f"(known: {', '.join(METHOD_CLASSES)})" if isinstance(e.get("input"), dict) else
+                         f"config key '{key}': {e['msg']}")
+        else:
+            value = e.get("input")
+            shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+            lines.append(f"config key '{key}' = {shown}: {e['msg']}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML file (safe_load), apply ``a.b=c`` overrides, validate into ExperimentConfig."""
+    raw: dict = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(raw, parts, value)
+    return validate_config(raw, source)
+
+
+def validate_config(raw: dict, source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, raw, source)) from None
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_resolved(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    from graftkd.engine.io import atomic_write_text
+
+    return atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))

@@ -1,0 +1,87 @@
+"""Atomic file writes and safe checkpoint loading.
+
+A write goes to a temporary file in the same folder, is flushed and fsynced, then renamed over
+the target: a crash or a full disk mid-way leaves the previous file intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from graftkd.errors import UserError
+
+CHECKPOINT_FORMAT = "graftkd-checkpoint-v1"
+
+
+def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write to {path.parent}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise UserError(f"writing {path} failed ({e.strerror or e}); the previous file is unchanged") from None
+        raise
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    return _atomic(path, lambda f: f.write(data), "wb")
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return _atomic(path, lambda f: f.write(text), "w")
+
+
+def atomic_write_json(path: Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    """Atomically save a checkpoint dict (tensors, numbers, strings, lists, dicts only)."""
+    state = {"format": CHECKPOINT_FORMAT, **state}
+    return _atomic(path, lambda f: torch.save(state, f), "wb")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a graftkd checkpoint with ``weights_only=True``; clear errors for missing/foreign/truncated files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle with arbitrary objects, not a torch file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"cannot load checkpoint {path}: not a complete, safe PyTorch checkpoint ({reason[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a graftkd checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    return state
