@@ -213,7 +213,6 @@ class TrainerConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     channels_last: bool = False
-    compile: bool = False
     grad_clip: float | None = Field(None, gt=0)
     deterministic: bool = True
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default)")

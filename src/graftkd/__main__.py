@@ -1,0 +1,5 @@
+import sys
+
+from graftkd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""The ``graftkd`` command line. Each subcommand lives beside the code it drives and is imported lazily."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Callable
+
+from graftkd.errors import UserError
+
+# name -> ("module:function that adds arguments", "module:function that runs", help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("graftkd.commands:add_train_args", "graftkd.commands:run_train", "supervised training of a teacher or a from-scratch student"),
+    "distill": ("graftkd.commands:add_train_args", "graftkd.commands:run_distill", "distil a student (kd, dkd, dml, atf, graft)"),
+    "evaluate": ("graftkd.eval.commands:add_evaluate_args", "graftkd.eval.commands:run_evaluate", "score a run or checkpoint on a split"),
+    "report": ("graftkd.eval.commands:add_report_args", "graftkd.eval.commands:run_report", "write report.html for one run, or compare several"),
+    "export": ("graftkd.eval.commands:add_export_args", "graftkd.eval.commands:run_export", "export a run's student as safetensors and/or ONNX"),
+    "predict": ("graftkd.eval.commands:add_predict_args", "graftkd.eval.commands:run_predict", "predict classes of new images with an exported model"),
+    "models": ("graftkd.commands:add_models_args", "graftkd.commands:run_models", "list available model names"),
+    "demo": ("graftkd.commands:add_demo_args", "graftkd.commands:run_demo", "the end-to-end demo on synthetic histology"),
+    "synth": ("graftkd.data.synthetic:add_synth_args", "graftkd.data.synthetic:run_synth", "write a synthetic histology tree in the BreakHis layout"),
+    "data": ("graftkd.data.commands:add_data_args", "graftkd.data.commands:run_data", "data tools: `data summary -c cfg.yaml`"),
+}
+
+
+def _load(ref: str) -> Callable:
+    mod, fn = ref.split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graftkd", description="Knowledge distillation with scarce labels.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_ref, _, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        try:
+            _load(add_ref)(sp)
+        except (ImportError, AttributeError):  # subcommand whose module is not there yet
+            sp.set_defaults(_missing=add_ref)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("GRAFTKD_DEBUG") == "1"
+    if getattr(args, "_missing", None):
+        print(f"graftkd {args.command}: not available in this build ({args._missing})", file=sys.stderr)
+        return 2
+    try:
+        rc = _load(COMMANDS[args.command][1])(args)
+        return int(rc or 0)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"graftkd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"graftkd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # python -m graftkd.cli
+    sys.exit(main())

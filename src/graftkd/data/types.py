@@ -1,0 +1,54 @@
+"""Shared data types: records, datasets with replayable views, the bundle a run trains on."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image. ``group`` is the patient for BreakHis (the image itself elsewhere); every split
+    is computed on groups. ``path`` is None for in-memory sources (CIFAR: ``meta['index']``)."""
+
+    path: str | None
+    label: int
+    group: str
+    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+class ViewDataset(Protocol):
+    """A map-style dataset whose items are ``{"image", "label", "index", "view"}``.
+
+    The augmentation of item i in view v is a pure function of (seed, i, v): ``load_view(i, v)``
+    reproduces it exactly (the soft-target cache relies on it). ``set_epoch(e)`` chooses which
+    view each item shows in epoch e: view e when ``views`` is None, else one of range(views)
+    drawn from (seed, e, i).
+    """
+
+    records: list[Record]
+    views: int | None
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def load_view(self, i: int, view: int) -> torch.Tensor: ...
+
+
+@dataclass
+class DataBundle:
+    """What a run trains and evaluates on."""
+
+    train: ViewDataset
+    val: ViewDataset
+    test: ViewDataset
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int
+    info: dict[str, Any] = field(default_factory=dict)  # split seed, shots, source summary, ...
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)

@@ -1,0 +1,122 @@
+"""A run from config to run folder: data, method, trainer, exported student, metrics.json.
+
+``train`` and ``distill`` both go through ``execute``; methods are looked up by name.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graftkd.config import ExperimentConfig, save_resolved
+from graftkd.engine.distributed import DistContext, init_distributed
+from graftkd.engine.io import atomic_write_json
+from graftkd.engine.trainer import Trainer, make_loader, predict, resolve_device, autocast_dtype, EpochSampler
+from graftkd.errors import UserError
+
+
+def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> Path:
+    run_dir = cfg.run_dir
+    if resume:
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise UserError(f"--resume: {run_dir} has no checkpoints/last.pt")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"run folder {run_dir} already exists: pass --resume to continue it, "
+                            f"--overwrite to replace it, or set output.name=<new name>")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+    return run_dir
+
+
+def build_student_factory(cfg: ExperimentConfig, num_classes: int):
+    from graftkd.models import create_model
+
+    def build() -> nn.Module:
+        m = cfg.model
+        return create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, checkpoint=m.checkpoint, **m.kwargs)
+
+    return build
+
+
+def split_predictions(fn, dataset: Any, cfg: ExperimentConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    loader = make_loader(dataset, cfg.data.eval_batch_size, EpochSampler(len(dataset), 0, shuffle=False),
+                         cfg.data.num_workers, False)
+    return predict(fn, loader, device, autocast_dtype(cfg.trainer, device), cfg.trainer.channels_last)
+
+
+def score_split(fn, dataset: Any, cfg: ExperimentConfig, device: torch.device, class_names: list[str]) -> dict[str, Any]:
+    """Every metric of ``graftkd.eval`` for one split (image, patient, per magnification)."""
+    from graftkd.eval.metrics import evaluate_predictions
+
+    out = split_predictions(fn, dataset, cfg, device)
+    records = [dataset.records[i] for i in out["index"].tolist()]
+    return evaluate_predictions(out["logits"], out["labels"], records, class_names)
+
+
+def execute(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train ``cfg.method`` and write the whole run folder. Returns the run folder."""
+    import graftkd.methods  # noqa: F401  registers the methods
+    from graftkd.data import build_data
+    from graftkd.methods.base import METHODS
+    from graftkd.models import save_model_file
+
+    device = resolve_device(cfg.trainer.device)
+    dist = init_distributed(device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    run_dir = prepare_run_dir(cfg, resume, overwrite) if dist.is_main else cfg.run_dir
+    dist.barrier()
+    if dist.is_main:
+        save_resolved(cfg, run_dir)
+    t0 = time.perf_counter()
+    data = build_data(cfg.data, cfg.seed, run_dir if dist.is_main else None)
+    factory = METHODS.get(cfg.method.name)
+    method = factory(cfg, data, build_student=build_student_factory(cfg, data.num_classes), run_dir=run_dir,
+                     device=device, dist=dist)
+    trainer = Trainer(cfg, run_dir, device, dist)
+    result = trainer.fit(method, data.train, data.val, resume=resume)
+    train_s = time.perf_counter() - t0
+    if not dist.is_main:
+        return run_dir
+    method.eval()
+    student = method.student()
+    arch = getattr(method, "student_arch", cfg.model.name)
+    save_model_file(run_dir / "model.pt", student, arch=arch, num_classes=data.num_classes, classes=data.classes,
+                    mean=data.mean, std=data.std, image_size=data.image_size,
+                    extra={"run": str(run_dir), "method": cfg.method.name, "best_epoch": result.best_epoch,
+                           "best_phase": result.best_phase})
+    for name, module in method.extra_outputs().items():
+        save_model_file(run_dir / f"{name}.pt", module, arch=getattr(module, "graftkd_arch", name),
+                        num_classes=data.num_classes, classes=data.classes, mean=data.mean, std=data.std,
+                        image_size=data.image_size, extra={"run": str(run_dir), "role": name})
+    metrics: dict[str, Any] = {
+        "run": str(run_dir), "method": cfg.method.name, "student": arch, "checkpoint": "model.pt (best on val)",
+        "selection": {"metric": cfg.trainer.select_metric, "phase": result.best_phase, "epoch": result.best_epoch,
+                      "value": result.best_metric},
+        "data": data.info, "train_seconds": round(train_s, 2), "world_size": dist.world_size,
+        "global_batch": cfg.data.batch_size * dist.world_size,
+    }
+    for split, ds in (("val", data.val), ("test", data.test)):
+        metrics[split] = score_split(method.eval_logits, ds, cfg, device, data.classes)
+    metrics.update(method.final_metrics(
+        lambda fn, split: score_split(fn, getattr(data, split), cfg, device, data.classes)))
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return run_dir
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no metrics.json (is it a finished run folder?)")
+    return json.loads(path.read_text())

@@ -1,0 +1,411 @@
+"""The one training loop: runs every method's phases with the same device, precision, distribution,
+checkpoint and logging code.
+
+Resume is exact on CPU: the sampler order and every augmentation are functions of
+(seed, phase, epoch, sample), and ``last.pt`` holds weights, optimisers, schedulers and RNG state.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from graftkd.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, TrainerConfig
+from graftkd.engine.distributed import DistContext
+from graftkd.engine.io import atomic_write_text, load_checkpoint, save_checkpoint
+from graftkd.errors import UserError
+from graftkd.methods.base import Method, OptimSpec, Phase, StepContext
+
+
+class TrainingDiverged(UserError):
+    """A loss term became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device = 'cuda' but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(cfg: TrainerConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA (and on CPU when asked), else None (fp32)."""
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and runs)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded permutation per (seed, phase, epoch), sharded across ranks (padded to equal length)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.key = (0, 0)
+
+    def set_epoch(self, phase: int, epoch: int) -> None:
+        self.key = (phase, epoch)
+
+    def _order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derived_seed(self.seed, *self.key))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.world_size > 1:
+            per = math.ceil(self.n / self.world_size)
+            order = (order + order[: per * self.world_size - self.n])[self.rank:: self.world_size]
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order())
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world_size) if self.world_size > 1 else self.n
+
+
+def make_loader(dataset: Any, batch_size: int, sampler: Sampler, num_workers: int, drop_last: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=drop_last, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available())
+
+
+def build_optimizer(spec: OptimSpec, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    c: OptimizerConfig = spec.optimizer
+    groups = []
+    for g in spec.params:
+        g = dict(g)
+        g["lr"] = c.lr * lr_scale * g.pop("lr_scale", 1.0)
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+        if g["params"]:
+            groups.append(g)
+    if not groups:
+        raise UserError(f"optimiser '{spec.name}' has no trainable parameters")
+    if c.name == "sgd":
+        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0,
+                               weight_decay=c.weight_decay)
+    if c.name == "adam":
+        return torch.optim.Adam(groups, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+    return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+
+
+def lr_factor(s: ScheduleConfig, base_lr: float, epochs: int, steps_per_epoch: int, step: int) -> float:
+    """Multiplier of the base lr after ``step`` optimiser steps (linear warm-up, then the schedule)."""
+    warm = s.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    epoch = step / steps_per_epoch
+    if s.name == "constant":
+        return 1.0
+    if s.name == "multistep":
+        return s.gamma ** sum(epoch >= m for m in s.milestones)
+    total = max(epochs * steps_per_epoch - warm, 1)
+    t = min((step - warm) / total, 1.0)
+    floor = s.min_lr / base_lr if base_lr > 0 else 0.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if k == "image" and channels_last and v.dim() == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+@torch.inference_mode()
+def predict(fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device: torch.device,
+            dtype: torch.dtype | None = None, channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """Run ``fn`` over a loader: float32 logits, labels and dataset indices, on CPU, in loader order."""
+    logits, labels, index = [], [], []
+    for batch in loader:
+        b = to_device(batch, device, channels_last)
+        with autocast(device, dtype):
+            out = fn(b["image"])
+        logits.append(out.float().cpu())
+        labels.append(batch["label"].cpu())
+        index.append(batch["index"].cpu())
+    return {"logits": torch.cat(logits), "labels": torch.cat(labels), "index": torch.cat(index)}
+
+
+def accuracy_and_loss(out: dict[str, torch.Tensor]) -> dict[str, float]:
+    logits, labels = out["logits"], out["labels"]
+    return {"acc": (logits.argmax(1) == labels).float().mean().item(),
+            "loss": nn.functional.cross_entropy(logits, labels).item()}
+
+
+# -------------------------------------------------------------------------------------- trainer
+@dataclass
+class FitResult:
+    best_metric: float | None
+    best_phase: str | None
+    best_epoch: int | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs ``method`` on ``train``/``val`` datasets and writes the run folder (rank 0 only)."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, device: torch.device | None = None,
+                 dist: DistContext | None = None) -> None:
+        self.cfg = cfg
+        self.tc = cfg.trainer
+        self.run_dir = Path(run_dir)
+        self.device = device or resolve_device(self.tc.device)
+        self.dist = dist or DistContext()
+        self.dtype = autocast_dtype(self.tc, self.device)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.history: list[dict[str, Any]] = []
+        self._tb = None
+        if self.tc.threads:
+            torch.set_num_threads(self.tc.threads)
+        if self.tc.deterministic:
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+
+    # ---------------------------------------------------------------------------------- logging
+    def _log_epoch(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        if not self.dist.is_main:
+            return
+        keys: list[str] = []
+        for r in self.history:
+            keys += [k for k in r if k not in keys]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.history)
+        atomic_write_text(self.run_dir / "log.csv", buf.getvalue())
+        if self.cfg.output.tensorboard:
+            if self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=row["global_epoch"])
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "global_epoch", "step"):
+                    self._tb.add_scalar(f"{row['phase']}/{k}" if k.startswith("train_") else k, v, row["global_epoch"])
+            self._tb.flush()
+
+    def _read_history(self, upto_global_epoch: int) -> None:
+        path = self.run_dir / "log.csv"
+        if not path.is_file():
+            return
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            if int(r["global_epoch"]) < upto_global_epoch:
+                self.history.append({k: _num(v) for k, v in r.items() if v != ""})
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _save_last(self, method: Method, state: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_dir / "last.pt", {"kind": "train_state", "model": method.state_dict(), **state})
+
+    def _save_best(self, method: Method, info: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_dir / "best.pt", {"kind": "train_best", "model": method.state_dict(), **info})
+        self.dist.barrier()
+
+    # -------------------------------------------------------------------------------------- fit
+    def fit(self, method: Method, train_set: Any, val_set: Any, resume: bool = False) -> FitResult:
+        cfg, tc, dev = self.cfg, self.tc, self.device
+        method.to(dev)
+        if tc.channels_last:
+            method.to(memory_format=torch.channels_last)
+        phases = method.phases()
+        start_phase, start_epoch, step = 0, 0, 0
+        best: dict[str, Any] = {"metric": None, "phase": None, "epoch": None}
+        resume_state: dict[str, Any] | None = None
+        last_path = self.ckpt_dir / "last.pt"
+        if resume:
+            if not last_path.is_file():
+                raise UserError(f"--resume: no checkpoint at {last_path}")
+            resume_state = load_checkpoint(last_path, map_location=dev)
+            if resume_state.get("kind") != "train_state":
+                raise UserError(f"{last_path} is not a training state checkpoint")
+            try:
+                method.load_state_dict(resume_state["model"])
+            except RuntimeError as e:
+                raise UserError(f"{last_path} does not match this method/model: {str(e).splitlines()[0]}") from None
+            start_phase, start_epoch, step = resume_state["phase_index"], resume_state["next_epoch"], resume_state["step"]
+            best = dict(resume_state["best"])
+            torch.set_rng_state(resume_state["rng_cpu"].cpu())
+            if torch.cuda.is_available() and "rng_cuda" in resume_state:
+                torch.cuda.set_rng_state_all([s.cpu() for s in resume_state["rng_cuda"]])
+            self._read_history(resume_state["global_epoch"])
+        else:
+            seed_everything(cfg.seed)
+        global_epoch = resume_state["global_epoch"] if resume_state else 0
+
+        for pi in range(start_phase, len(phases)):
+            phase = phases[pi]
+            method.start_phase(phase)
+            batch_size = phase.batch_size or cfg.data.batch_size
+            sampler = EpochSampler(len(train_set), derived_seed(cfg.seed, 17), shuffle=True,
+                                   rank=self.dist.rank, world_size=self.dist.world_size)
+            drop_last = len(sampler) > batch_size
+            loader = make_loader(train_set, batch_size, sampler, cfg.data.num_workers, drop_last)
+            steps_per_epoch = len(loader)
+            if steps_per_epoch == 0:
+                raise UserError(f"phase '{phase.name}': the training set is empty")
+            optims = [build_optimizer(s) for s in phase.optimizers]
+            scheds = [torch.optim.lr_scheduler.LambdaLR(
+                o, lambda k, s=s, o=o: lr_factor(s.schedule, s.optimizer.lr, phase.epochs, steps_per_epoch, k))
+                for s, o in zip(phase.optimizers, optims)]
+            first_epoch = 0
+            if resume_state is not None and pi == start_phase:
+                for o, st in zip(optims, resume_state["optimizers"]):
+                    o.load_state_dict(st)
+                for sc, st in zip(scheds, resume_state["schedulers"]):
+                    sc.load_state_dict(st)
+                first_epoch = start_epoch
+            if first_epoch == 0 and phase.select_best:
+                best = {"metric": None, "phase": None, "epoch": None}
+            params = [p for o in optims for g in o.param_groups for p in g["params"]]
+
+            for epoch in range(first_epoch, phase.epochs):
+                row = self._train_epoch(method, phase, pi, epoch, global_epoch, loader, sampler, train_set,
+                                        optims, scheds, params, step, steps_per_epoch)
+                step = row["step"]
+                if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == phase.epochs:
+                    val = self.validate(method, val_set)
+                    row.update({f"val_{k}": v for k, v in val.items()})
+                    metric = val["acc"] if tc.select_metric == "val_acc" else -val["loss"]
+                    if phase.select_best and (best["metric"] is None or metric > best["metric"]):
+                        best = {"metric": metric, "phase": phase.name, "epoch": epoch}
+                        self._save_best(method, {"phase": phase.name, "epoch": epoch, "metric": metric})
+                global_epoch += 1
+                row["global_epoch"] = global_epoch - 1
+                self._log_epoch(row)
+                if epoch + 1 < phase.epochs:
+                    self._save_last(method, self._state(pi, epoch + 1, step, global_epoch, best, optims, scheds))
+            if phase.select_best and best["phase"] == phase.name and (self.ckpt_dir / "best.pt").is_file():
+                self.dist.barrier()
+                method.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt", map_location=dev)["model"])
+            self._save_last(method, self._state(pi + 1, 0, step, global_epoch, best, [], []))
+            resume_state = None
+        if self._tb is not None:
+            self._tb.close()
+        return FitResult(best["metric"], best["phase"], best["epoch"], self.history)
+
+    @staticmethod
+    def _state(phase_index: int, next_epoch: int, step: int, global_epoch: int, best: dict[str, Any],
+               optims: list, scheds: list) -> dict[str, Any]:
+        return {"phase_index": phase_index, "next_epoch": next_epoch, "step": step, "global_epoch": global_epoch,
+                "best": best, "optimizers": [o.state_dict() for o in optims],
+                "schedulers": [s.state_dict() for s in scheds], "rng_cpu": torch.get_rng_state(),
+                **({"rng_cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
+
+    def _train_epoch(self, method: Method, phase: Phase, pi: int, epoch: int, global_epoch: int,
+                     loader: DataLoader, sampler: EpochSampler, train_set: Any, optims: list, scheds: list,
+                     params: list, step: int, steps_per_epoch: int) -> dict[str, Any]:
+        tc, dev = self.tc, self.device
+        sampler.set_epoch(pi, epoch)
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(global_epoch)
+        method.train()
+        sums: dict[str, float] = {}
+        n_seen = 0
+        t0 = time.perf_counter()
+        bar = None
+        if tc.progress and self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps_per_epoch, desc=f"{phase.name} {epoch + 1}/{phase.epochs}", leave=False,
+                       dynamic_ncols=True)
+        for i, batch in enumerate(loader):
+            b = to_device(batch, dev, tc.channels_last)
+            ctx = StepContext(phase=phase, epoch=epoch, step=step, step_in_epoch=i, steps_per_epoch=steps_per_epoch)
+            with autocast(dev, self.dtype):
+                out = method.training_step(b, ctx)
+            values = {k: float(v.detach()) for k, v in out.items()}
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            if bad:
+                raise TrainingDiverged(
+                    f"non-finite loss in phase '{phase.name}' epoch {epoch} step {step}: "
+                    + ", ".join(f"{k}={values[k]}" for k in bad)
+                    + f"; the last good checkpoint is {self.ckpt_dir / 'last.pt'}")
+            for o in optims:
+                o.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            self.dist.all_reduce_grads(params)
+            if tc.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            for spec, o, s in zip(phase.optimizers, optims, scheds):
+                if (step + 1) % spec.every == 0:
+                    o.step()
+                s.step()
+            step += 1
+            bs = int(b["image"].shape[0])
+            n_seen += bs
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v * bs
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        totals = self.dist.sum([n_seen] + [sums[k] for k in sorted(sums)], dev)
+        n_all = totals[0]
+        row: dict[str, Any] = {"phase": phase.name, "epoch": epoch, "step": step,
+                               "lr": optims[0].param_groups[0]["lr"]}
+        row.update({f"train_{k}": v / n_all for k, v in zip(sorted(sums), totals[1:])})
+        row.update({"epoch_time_s": round(elapsed, 3), "img_s": round(n_all / elapsed, 1)})
+        return row
+
+    def validate(self, method: Method, val_set: Any) -> dict[str, float]:
+        method.eval()
+        sampler = EpochSampler(len(val_set), 0, shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size)
+        loader = make_loader(val_set, self.cfg.data.eval_batch_size, sampler, self.cfg.data.num_workers, False)
+        out = predict(method.eval_logits, loader, self.device, self.dtype, self.tc.channels_last)
+        logits, labels = out["logits"], out["labels"]
+        correct = (logits.argmax(1) == labels).sum().item()
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        n, correct, loss = self.dist.sum([float(len(labels)), correct, loss], self.device)
+        return {"acc": correct / max(n, 1), "loss": loss / max(n, 1)}
+
+
+def _num(v: str) -> Any:
+    for t in (int, float):
+        try:
+            return t(v)
+        except ValueError:
+            pass
+    return v

@@ -1,0 +1,113 @@
+"""The Method interface: an nn.Module that turns a batch into named losses, phase by phase.
+
+The trainer owns device, precision, distribution, checkpointing and logging; a method only says
+what it trains (``phases``), how a batch becomes losses (``training_step``), which network is
+scored on validation (``eval_logits``) and which network is exported (``student``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from graftkd.config import ExperimentConfig, OptimizerConfig, ScheduleConfig
+from graftkd.registry import Registry
+
+
+@dataclass
+class OptimSpec:
+    """One optimiser of a phase. ``params`` are parameter groups (dicts with "params", optional
+    "lr_scale"); the optimiser steps every ``every`` steps (gradients in between are dropped)."""
+
+    params: list[dict[str, Any]]
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig
+    name: str = "main"
+    every: int = 1
+
+
+@dataclass
+class Phase:
+    """A stretch of training with its own optimisers. ``select_best``: keep the best-validation
+    weights of this phase (else the last epoch's); the run's best.pt comes from ``final`` phases."""
+
+    name: str
+    epochs: int
+    optimizers: list[OptimSpec]
+    final: bool = True
+    select_best: bool = True
+    batch_size: int | None = None
+
+
+@dataclass
+class StepContext:
+    phase: Phase
+    epoch: int  # epoch within the phase, from 0
+    step: int  # global optimiser step over the whole run
+    step_in_epoch: int
+    steps_per_epoch: int
+
+
+class Method(nn.Module):
+    """Base class. Subclasses keep frozen teachers in eval mode by overriding ``train``."""
+
+    #: modules that are never trained (frozen teachers): kept in eval, excluded from DDP
+    frozen: list[nn.Module]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = []
+
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def start_phase(self, phase: Phase) -> None:
+        """Called before a phase's first epoch (also after resume): set what is trainable."""
+
+    def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of the network being selected on validation (the student, or the current hybrid)."""
+        return self.student()(images)
+
+    def student(self) -> nn.Module:
+        raise NotImplementedError
+
+    def extra_outputs(self) -> dict[str, nn.Module]:
+        """Other networks worth saving beside the student (adapted teacher, DML peers)."""
+        return {}
+
+    def train(self, mode: bool = True) -> "Method":
+        super().train(mode)
+        for m in self.frozen:
+            m.eval()
+        return self
+
+    def final_metrics(self, score: Callable[[Callable[[torch.Tensor], torch.Tensor], str], dict[str, Any]]) -> dict[str, Any]:
+        """Extra entries for metrics.json after training (teachers, ensemble, parameter counts, ...).
+        ``score(fn, split)`` evaluates a logits function on "val" or "test" with every metric."""
+        return {}
+
+
+def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def single_phase(cfg: ExperimentConfig, params: Iterable[nn.Parameter], name: str = "train") -> list[Phase]:
+    """The common case: one phase, one optimiser over ``params`` from the experiment config."""
+    return [Phase(name=name, epochs=cfg.trainer.epochs,
+                  optimizers=[OptimSpec(params=[{"params": list(params)}], optimizer=cfg.optimizer, schedule=cfg.schedule)])]
+
+
+#: name -> factory(cfg: ExperimentConfig, data: DataBundle, run_dir, device) -> Method
+METHODS: Registry[Callable[..., Method]] = Registry("method")
