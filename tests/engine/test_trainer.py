@@ -1,0 +1,170 @@
+import math
+
+import pytest
+import torch
+
+from graftkd.config import load_config
+from graftkd.engine.io import load_checkpoint, save_checkpoint
+from graftkd.engine.trainer import Trainer, TrainingDiverged, lr_factor
+from graftkd.errors import UserError
+from graftkd.methods.base import Method, OptimSpec, Phase
+from graftkd.methods.supervised import Supervised
+
+from .toy import ToyNet, ToyViews
+
+
+def make_cfg(tmp_path, *extra):
+    return load_config(None, [f"output.dir={tmp_path}", "output.name=run", "output.tensorboard=false",
+                              "trainer.epochs=4", "trainer.progress=false", "data.batch_size=8",
+                              "optimizer.lr=0.1", "schedule.name=cosine", "schedule.warmup_epochs=1", *extra])
+
+
+def fit(cfg, resume=False, trainer_cls=Trainer):
+    torch.manual_seed(123)  # model init; resume must not depend on it
+    method = Supervised(cfg, ToyNet())
+    trainer = trainer_cls(cfg, cfg.run_dir)
+    result = trainer.fit(method, ToyViews(), ToyViews(16, seed=1, augment=False), resume=resume)
+    return method, result
+
+
+class CrashAfter(Trainer):
+    crash_at = 2
+
+    def _save_last(self, method, state):
+        super()._save_last(method, state)
+        if state["global_epoch"] == self.crash_at:
+            raise SystemExit("simulated crash")
+
+
+def test_resume_is_exact(tmp_path):
+    straight, r1 = fit(make_cfg(tmp_path / "a"))
+    cfg = make_cfg(tmp_path / "b")
+    with pytest.raises(SystemExit):
+        fit(cfg, trainer_cls=CrashAfter)
+    resumed, r2 = fit(cfg, resume=True)
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert [row["train_loss"] for row in r1.history] == pytest.approx([row["train_loss"] for row in r2.history], abs=1e-6)
+    assert (r1.best_epoch, r1.best_metric) == (r2.best_epoch, r2.best_metric)
+    log = (cfg.run_dir / "log.csv").read_text().strip().splitlines()
+    assert len(log) == 1 + 4
+
+
+def test_best_checkpoint_is_selected_on_validation(tmp_path):
+    cfg = make_cfg(tmp_path)
+    method, result = fit(cfg)
+    best = load_checkpoint(cfg.run_dir / "checkpoints" / "best.pt")
+    vals = [row["val_acc"] for row in result.history]
+    assert best["epoch"] == vals.index(max(vals)) == result.best_epoch
+    for k, v in best["model"].items():
+        assert torch.equal(method.state_dict()[k], v)
+
+
+def test_atomic_checkpoint_survives_interrupted_write(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.ones(3)})
+
+    def broken_save(obj, f):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(UserError, match="previous file is unchanged"):
+        save_checkpoint(path, {"w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_truncated_and_foreign_checkpoints_are_refused(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"w": torch.ones(100)})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+    torch.save({"w": torch.ones(1)}, path)
+    with pytest.raises(UserError, match="not a graftkd checkpoint"):
+        load_checkpoint(path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": "graftkd-checkpoint-v1", "x": Evil()}, path)
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+
+
+class NaNAt(Supervised):
+    def training_step(self, batch, ctx):
+        out = super().training_step(batch, ctx)
+        if ctx.step == 9:
+            out["ce"] = out["ce"] * float("nan")
+            out["loss"] = out["ce"]
+        return out
+
+
+def test_nan_loss_stops_with_step_and_term_and_keeps_last_good(tmp_path):
+    cfg = make_cfg(tmp_path)
+    method = NaNAt(cfg, ToyNet())
+    with pytest.raises(TrainingDiverged, match=r"step 9: .*ce=nan"):
+        Trainer(cfg, cfg.run_dir).fit(method, ToyViews(), ToyViews(16, seed=1, augment=False))
+    state = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")
+    assert state["global_epoch"] == 1 and state["step"] == 6
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+class TwoPhases(Method):
+    """Phase 1 trains the body, phase 2 only the head; resumes across the phase boundary."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.net = cfg, ToyNet()
+
+    def phases(self):
+        c = self.cfg
+        return [Phase("body", 2, [OptimSpec([{"params": self.net.body.parameters()}], c.optimizer, c.schedule)],
+                      final=False, select_best=False),
+                Phase("head", 2, [OptimSpec([{"params": self.net.fc.parameters(), "lr_scale": 0.5}], c.optimizer,
+                                            c.schedule)])]
+
+    def training_step(self, batch, ctx):
+        loss = torch.nn.functional.cross_entropy(self.net(batch["image"]), batch["label"])
+        return {"loss": loss}
+
+    def student(self):
+        return self.net
+
+
+def test_multi_phase_resume_across_boundary(tmp_path):
+    def run(sub, crash=None):
+        cfg = make_cfg(tmp_path / sub)
+        torch.manual_seed(5)
+        m = TwoPhases(cfg)
+        cls = Trainer
+        if crash:
+            cls = type("C", (CrashAfter,), {"crash_at": crash})
+            with pytest.raises(SystemExit):
+                cls(cfg, cfg.run_dir).fit(m, ToyViews(), ToyViews(16, seed=1, augment=False))
+            torch.manual_seed(99)
+            m = TwoPhases(cfg)
+            Trainer(cfg, cfg.run_dir).fit(m, ToyViews(), ToyViews(16, seed=1, augment=False), resume=True)
+        else:
+            Trainer(cfg, cfg.run_dir).fit(m, ToyViews(), ToyViews(16, seed=1, augment=False))
+        return m
+
+    a, b = run("a"), run("b", crash=2)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_lr_schedule_shapes():
+    cfg = load_config(None, ["schedule.name=multistep", "schedule.milestones=[2,3]", "schedule.warmup_epochs=1"])
+    f = [lr_factor(cfg.schedule, 0.1, 4, 10, k) for k in range(40)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[19] == 1.0
+    assert f[20] == pytest.approx(0.1) and f[30] == pytest.approx(0.01)
+    cos = load_config(None, ["schedule.name=cosine", "schedule.min_lr=0.01"]).schedule
+    assert lr_factor(cos, 0.1, 2, 5, 0) == pytest.approx(1.0)
+    assert lr_factor(cos, 0.1, 2, 5, 5) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(cos, 0.1, 2, 5, 10) == pytest.approx(0.1)
