@@ -146,19 +146,37 @@ class DMLMethod(Strict):
 
 
 class ATFMethod(Strict):
+    """Adaptive Teacher Finetune (our definition, methods.md I.4) and the modes it is compared with.
+
+    Student: ``ce_weight*CE(s, y) + kd_weight*T^2*D(stopgrad(p_T) || p_S)``. Teacher k (own
+    optimiser): ``CE(z_k, y) + lam*T^2*D(stopgrad(p_S) || p_k) + mu*||theta_k - theta_k0||^2``.
+    ``mode`` says which teacher terms are on: ``atf`` all of them; ``offline`` none (teachers frozen:
+    plain KD with the same divergence); ``offline_joint`` CE + mu (lam is not used); ``online`` CE +
+    lam with peers of the teachers' architectures from random init, trained from step 0 at
+    ``peer_lr_ratio`` (DML-like; checkpoints, mu, warmup_epochs and teacher_bn are not used).
+    """
+
     name: Literal["atf"] = "atf"
     mode: Literal["atf", "offline", "offline_joint", "online"] = "atf"
-    temperature: float = Field(4.0, gt=0)
-    standardize: bool = True
-    ce_weight: float = Field(0.1, ge=0)
-    kd_weight: float = Field(0.9, ge=0)
-    divergence: DivergenceConfig = DivergenceConfig(kind="alpha", alpha=0.5)
-    lam: float = Field(1.0, ge=0, description="weight of the teacher's divergence to the student")
-    mu: float = Field(1e-3, ge=0, description="weight of ||theta_T - theta_T0||^2")
-    lr_ratio: float = Field(0.1, ge=0, description="teacher lr = ratio * student lr")
-    teacher_every: int = Field(1, ge=1)
-    warmup_epochs: int = Field(1, ge=0, description="epochs of plain offline KD before the teacher adapts")
-    teacher_bn: Literal["train", "eval"] = "eval"
+    temperature: float = Field(2.0, gt=0, description="T of every divergence term (logit-standardisation preset: 2)")
+    standardize: bool = Field(True, description="Z-score logits per sample before /T in every divergence term")
+    ce_weight: float = Field(0.1, ge=0, description="student CE weight (logit-standardisation preset: 0.1)")
+    kd_weight: float = Field(9.0, ge=0, description="student divergence weight (logit-standardisation preset: 9)")
+    divergence: DivergenceConfig = Field(DivergenceConfig(kind="alpha", alpha=0.5),
+                                         description="D for the student and the teacher terms")
+    lam: float = Field(1.0, ge=0, description="weight of the teacher's divergence to the student (atf, online)")
+    mu: float = Field(1e-3, ge=0, description="weight of ||theta_T - theta_T0||^2 over all teacher parameters "
+                                               "(atf, offline_joint)")
+    lr_ratio: float = Field(0.1, ge=0, description="teacher lr = ratio * student lr (atf, offline_joint)")
+    peer_lr_ratio: float = Field(1.0, ge=0, description="mode online: peer lr = ratio * student lr "
+                                                         "(DML trains peers like the student)")
+    teacher_every: int = Field(1, ge=1, description="a teacher step every N optimiser steps (not online)")
+    warmup_epochs: int = Field(1, ge=0, description="epochs of plain offline KD before the teachers adapt "
+                                                    "(atf, offline_joint)")
+    teacher_bn: Literal["train", "eval"] = Field(
+        "eval", description="mode of a pretrained teacher on its update steps: eval = running BN statistics "
+                            "used and never changed, no dropout (the frozen-teacher forward); train = batch "
+                            "statistics, running statistics updated, dropout on. Peers (online) always train")
 
 
 class GraftStageOptim(Strict):
