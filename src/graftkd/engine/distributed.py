@@ -1,15 +1,34 @@
 """Process-group context: one process by default, torchrun (env://) when WORLD_SIZE > 1.
 
-Trainable modules are kept in sync by averaging gradients across ranks after backward (what DDP
-does, without wrapping, so any method's forward works unchanged); frozen teachers are untouched.
+Trainable modules are kept in sync without wrapping them in ``DistributedDataParallel``:
+
+* at the start of every phase, rank 0 broadcasts the phase's trainable parameters and the
+  normalisation buffers (what DDP does at construction);
+* after backward, the gradients of the phase's optimiser parameters are averaged across ranks in
+  flat, per-dtype buckets (what DDP does during backward). A parameter that got no gradient on any
+  rank keeps ``grad=None``, so the optimiser skips it exactly as in a single process; one that got
+  a gradient on some ranks only counts as zero on the others (DDP's ``find_unused_parameters``);
+* after every training epoch, the running statistics of BatchNorm layers in training mode are
+  averaged across ranks. The running mean is then exactly the single-process running mean for the
+  same global batch (it is linear in the batch means); the running variance misses the
+  between-rank spread of the means. Batch statistics in the forward pass stay per rank (plain
+  BatchNorm: ``SyncBatchNorm`` does not run on CPU).
+
+Any method's forward (grafting hybrids, ATF's two networks, DML peers) works unchanged, and frozen
+teachers, never in an optimiser, are never synchronised.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+#: gradient elements per all-reduce bucket (16 MiB of float32)
+BUCKET_NUMEL = 1 << 22
 
 
 @dataclass
@@ -26,19 +45,43 @@ class DistContext:
     def enabled(self) -> bool:
         return self.world_size > 1
 
-    def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Average gradients over ranks, in flat buckets; parameters without gradient count as zero."""
+    @property
+    def backend(self) -> str | None:
+        return dist.get_backend() if self.enabled else None
+
+    def all_reduce_grads(self, params: list[nn.Parameter]) -> None:
+        """Average the gradients of ``params`` over ranks (see the module docstring)."""
         if not self.enabled or not params:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset: offset + n].view_as(p).to(p.dtype)
-            offset += n
+        device = params[0].device
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+        dist.all_reduce(has)
+        live = [p for p, h in zip(params, has.tolist()) if h > 0]
+        for p in live:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for bucket in _buckets([p.grad for p in live]):
+            _average(bucket, self.world_size)
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` in place with rank 0's values."""
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            for bucket in _buckets([t.data for t in tensors]):
+                flat = torch.cat([t.reshape(-1) for t in bucket])
+                dist.broadcast(flat, src=0)
+                _unflatten(flat, bucket)
+
+    def average_norm_buffers_(self, module: nn.Module) -> None:
+        """Average the running mean/var of normalisation layers in training mode over ranks."""
+        if not self.enabled:
+            return
+        bufs = [b for m in norm_layers(module) if m.training
+                for b in (m.running_mean, m.running_var) if b is not None]
+        with torch.no_grad():
+            for bucket in _buckets(bufs):
+                _average(bucket, self.world_size)
 
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         if not self.enabled:
@@ -50,6 +93,47 @@ class DistContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+def norm_layers(module: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
+    """BatchNorm/InstanceNorm layers of ``module`` that track running statistics."""
+    return [m for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
+def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Group tensors by (device, dtype) into buckets of at most ``BUCKET_NUMEL`` elements."""
+    groups: dict[tuple, list[list[torch.Tensor]]] = {}
+    sizes: dict[tuple, int] = {}
+    for t in tensors:
+        if t.is_sparse:
+            raise TypeError("sparse gradients are not supported under torchrun")
+        key = (t.device, t.dtype)
+        lists = groups.setdefault(key, [[]])
+        if lists[-1] and sizes.get(key, 0) + t.numel() > BUCKET_NUMEL:
+            lists.append([])
+            sizes[key] = 0
+        lists[-1].append(t)
+        sizes[key] = sizes.get(key, 0) + t.numel()
+    return [b for lists in groups.values() for b in lists if b]
+
+
+def _average(bucket: list[torch.Tensor], world_size: int) -> None:
+    """All-reduce-mean a bucket of floating tensors in place; 16-bit floats are summed in float32."""
+    dtype = bucket[0].dtype
+    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    flat = torch.cat([t.reshape(-1).to(wide) for t in bucket])
+    dist.all_reduce(flat)
+    flat /= world_size
+    _unflatten(flat, bucket)
+
+
+def _unflatten(flat: torch.Tensor, bucket: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in bucket:
+        n = t.numel()
+        t.copy_(flat[offset: offset + n].view_as(t))
+        offset += n
 
 
 def init_distributed(device: torch.device) -> DistContext:

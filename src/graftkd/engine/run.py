@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from graftkd.config import ExperimentConfig, save_resolved
+from graftkd.config import ExperimentConfig, config_to_yaml
 from graftkd.engine.distributed import DistContext, init_distributed
-from graftkd.engine.io import atomic_write_json
-from graftkd.engine.trainer import Trainer, make_loader, predict, resolve_device, autocast_dtype, EpochSampler
+from graftkd.engine.io import atomic_write_json, atomic_write_text
+from graftkd.engine.trainer import (EpochSampler, Trainer, autocast_dtype, make_loader, predict, resolve_device,
+                                    seed_everything)
 from graftkd.errors import UserError
 
 
@@ -63,24 +64,40 @@ def score_split(fn, dataset: Any, cfg: ExperimentConfig, device: torch.device, c
     return evaluate_predictions(out["logits"], out["labels"], records, class_names)
 
 
+def save_resolved_config(cfg: ExperimentConfig, run_dir: Path, dist: DistContext) -> Path:
+    """``config.yaml``: the resolved config, headed by how it was launched (world size, global batch)."""
+    head = (f"# launched with {dist.world_size} process(es) (backend {dist.backend or 'none'}): global batch "
+            f"{cfg.data.batch_size * dist.world_size} = {dist.world_size} x data.batch_size {cfg.data.batch_size}\n")
+    return atomic_write_text(run_dir / "config.yaml", head + config_to_yaml(cfg))
+
+
 def execute(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train ``cfg.method`` and write the whole run folder. Returns the run folder."""
+    """Train ``cfg.method`` and write the whole run folder (rank 0). Returns the run folder."""
+    device = resolve_device(cfg.trainer.device)
+    dist = init_distributed(device)
+    try:
+        return _execute(cfg, device, dist, resume, overwrite)
+    finally:
+        if dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _execute(cfg: ExperimentConfig, device: torch.device, dist: DistContext, resume: bool, overwrite: bool) -> Path:
     import graftkd.methods  # noqa: F401  registers the methods
     from graftkd.data import build_data
     from graftkd.methods.base import METHODS
     from graftkd.models import save_model_file
 
-    device = resolve_device(cfg.trainer.device)
-    dist = init_distributed(device)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     run_dir = prepare_run_dir(cfg, resume, overwrite) if dist.is_main else cfg.run_dir
     dist.barrier()
     if dist.is_main:
-        save_resolved(cfg, run_dir)
+        save_resolved_config(cfg, run_dir, dist)
     t0 = time.perf_counter()
     data = build_data(cfg.data, cfg.seed, run_dir if dist.is_main else None)
+    seed_everything(cfg.seed)  # identical initial weights on every rank (rank 0's are broadcast anyway)
     factory = METHODS.get(cfg.method.name)
     method = factory(cfg, data, build_student=build_student_factory(cfg, data.num_classes), run_dir=run_dir,
                      device=device, dist=dist)
@@ -105,7 +122,8 @@ def execute(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fa
         "selection": {"metric": cfg.trainer.select_metric, "phase": result.best_phase, "epoch": result.best_epoch,
                       "value": result.best_metric},
         "data": data.info, "train_seconds": round(train_s, 2), "world_size": dist.world_size,
-        "global_batch": cfg.data.batch_size * dist.world_size,
+        "backend": dist.backend, "global_batch": cfg.data.batch_size * dist.world_size,
+        "phase_global_batch": {row["phase"]: row["global_batch"] for row in result.history},
     }
     for split, ds in (("val", data.val), ("test", data.test)):
         metrics[split] = score_split(method.eval_logits, ds, cfg, device, data.classes)

@@ -69,10 +69,15 @@ def derived_seed(*parts: int) -> int:
 
 
 class EpochSampler(Sampler[int]):
-    """Seeded permutation per (seed, phase, epoch), sharded across ranks (padded to equal length)."""
+    """Seeded permutation per (seed, phase, epoch), sharded across ranks: rank r takes items
+    r, r + W, r + 2W, ... so a step's local batches together are one contiguous global batch of the
+    permutation (the same samples as one process with the global batch). Training shards are padded
+    to equal length (every rank makes the same number of steps); evaluation shards (``pad=False``)
+    are not, so every item is scored exactly once."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1,
+                 pad: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.pad = n, seed, shuffle, pad
         self.rank, self.world_size = rank, world_size
         self.key = (0, 0)
 
@@ -86,15 +91,21 @@ class EpochSampler(Sampler[int]):
         else:
             order = list(range(self.n))
         if self.world_size > 1:
-            per = math.ceil(self.n / self.world_size)
-            order = (order + order[: per * self.world_size - self.n])[self.rank:: self.world_size]
+            if self.pad:
+                per = math.ceil(self.n / self.world_size)
+                order = order + order[: per * self.world_size - self.n]
+            order = order[self.rank:: self.world_size]
         return order
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._order())
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size) if self.world_size > 1 else self.n
+        if self.world_size == 1:
+            return self.n
+        if self.pad:
+            return math.ceil(self.n / self.world_size)
+        return len(range(self.rank, self.n, self.world_size))
 
 
 def make_loader(dataset: Any, batch_size: int, sampler: Sampler, num_workers: int, drop_last: bool) -> DataLoader:
@@ -259,6 +270,11 @@ class Trainer:
             resume_state = load_checkpoint(last_path, map_location=dev)
             if resume_state.get("kind") != "train_state":
                 raise UserError(f"{last_path} is not a training state checkpoint")
+            saved_world = int(resume_state.get("world_size", 1))
+            if saved_world != self.dist.world_size:
+                raise UserError(f"{last_path} was written by a run with {saved_world} process(es), this one has "
+                                f"{self.dist.world_size}: resume with --nproc {saved_world} (the global batch, "
+                                f"sample order and lr depend on it)")
             try:
                 method.load_state_dict(resume_state["model"])
             except RuntimeError as e:
@@ -297,7 +313,8 @@ class Trainer:
                 first_epoch = start_epoch
             if first_epoch == 0 and phase.select_best:
                 best = {"metric": None, "phase": None, "epoch": None}
-            params = [p for o in optims for g in o.param_groups for p in g["params"]]
+            params = list({id(p): p for o in optims for g in o.param_groups for p in g["params"]}.values())
+            self.dist.broadcast_(params + synced_buffers(method))
 
             for epoch in range(first_epoch, phase.epochs):
                 row = self._train_epoch(method, phase, pi, epoch, global_epoch, loader, sampler, train_set,
@@ -324,11 +341,10 @@ class Trainer:
             self._tb.close()
         return FitResult(best["metric"], best["phase"], best["epoch"], self.history)
 
-    @staticmethod
-    def _state(phase_index: int, next_epoch: int, step: int, global_epoch: int, best: dict[str, Any],
+    def _state(self, phase_index: int, next_epoch: int, step: int, global_epoch: int, best: dict[str, Any],
                optims: list, scheds: list) -> dict[str, Any]:
         return {"phase_index": phase_index, "next_epoch": next_epoch, "step": step, "global_epoch": global_epoch,
-                "best": best, "optimizers": [o.state_dict() for o in optims],
+                "best": best, "world_size": self.dist.world_size, "optimizers": [o.state_dict() for o in optims],
                 "schedulers": [s.state_dict() for s in scheds], "rng_cpu": torch.get_rng_state(),
                 **({"rng_cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
 
@@ -381,25 +397,36 @@ class Trainer:
                 bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
         if bar is not None:
             bar.close()
+        self.dist.average_norm_buffers_(method)
         elapsed = time.perf_counter() - t0
         totals = self.dist.sum([n_seen] + [sums[k] for k in sorted(sums)], dev)
         n_all = totals[0]
         row: dict[str, Any] = {"phase": phase.name, "epoch": epoch, "step": step,
-                               "lr": optims[0].param_groups[0]["lr"]}
+                               "lr": optims[0].param_groups[0]["lr"],
+                               "global_batch": loader.batch_size * self.dist.world_size}
         row.update({f"train_{k}": v / n_all for k, v in zip(sorted(sums), totals[1:])})
         row.update({"epoch_time_s": round(elapsed, 3), "img_s": round(n_all / elapsed, 1)})
         return row
 
     def validate(self, method: Method, val_set: Any) -> dict[str, float]:
         method.eval()
-        sampler = EpochSampler(len(val_set), 0, shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size)
-        loader = make_loader(val_set, self.cfg.data.eval_batch_size, sampler, self.cfg.data.num_workers, False)
-        out = predict(method.eval_logits, loader, self.device, self.dtype, self.tc.channels_last)
-        logits, labels = out["logits"], out["labels"]
-        correct = (logits.argmax(1) == labels).sum().item()
-        loss = nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        n, correct, loss = self.dist.sum([float(len(labels)), correct, loss], self.device)
+        sampler = EpochSampler(len(val_set), 0, shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size,
+                               pad=False)
+        n, correct, loss = 0.0, 0.0, 0.0
+        if len(sampler):  # a rank's shard is empty when the set is smaller than the world
+            loader = make_loader(val_set, self.cfg.data.eval_batch_size, sampler, self.cfg.data.num_workers, False)
+            out = predict(method.eval_logits, loader, self.device, self.dtype, self.tc.channels_last)
+            logits, labels = out["logits"], out["labels"]
+            n, correct = float(len(labels)), (logits.argmax(1) == labels).sum().item()
+            loss = nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        n, correct, loss = self.dist.sum([n, correct, loss], self.device)
         return {"acc": correct / max(n, 1), "loss": loss / max(n, 1)}
+
+
+def synced_buffers(method: Method) -> list[torch.Tensor]:
+    """Buffers rank 0 broadcasts at a phase start: all but those of frozen modules (teachers)."""
+    frozen = {id(b) for m in method.frozen for b in m.buffers()}
+    return [b for b in method.buffers() if id(b) not in frozen]
 
 
 def _num(v: str) -> Any:
