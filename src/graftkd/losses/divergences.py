@@ -1,0 +1,154 @@
+"""Distribution-matching divergences between a target distribution p and a student q = softmax(s/T).
+
+Every registered divergence has the signature ``fn(target_probs [B,C], student_logits [B,C], T,
+**params) -> [B]`` and returns the raw per-sample divergence D(p || q) (no T^2). ``divergence()``
+multiplies by T^2, the KD convention that keeps gradient magnitudes independent of T.
+Everything is computed in float32 (inputs are cast with ``.float()``), also under autocast.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from graftkd.errors import UserError
+from graftkd.losses.standardize import standardize as zscore
+from graftkd.registry import Registry
+
+DivergenceFn = Callable[..., Tensor]
+LOSSES: Registry[DivergenceFn] = Registry("divergence")
+
+
+def _log_probs(p: Tensor) -> tuple[Tensor, Tensor]:
+    """(log p with zeros replaced by 0, mask p > 0); safe for autograd."""
+    p = p.float()
+    pos = p > 0
+    return torch.log(torch.where(pos, p, torch.ones_like(p))), pos
+
+
+def _phi(x: Tensor, h: float) -> Tensor:
+    """``expm1(h x) / h``, continuous at h = 0 where it is ``x``."""
+    return x if h == 0 else torch.expm1(h * x) / h
+
+
+@LOSSES.register("kl")
+def kl_divergence(target_probs: Tensor, student_logits: Tensor, T: float = 1.0) -> Tensor:
+    """``KL(p || q) = sum_i p_i (log p_i - log q_i)`` per sample (0 log 0 = 0)."""
+    p = target_probs.float()
+    log_q = torch.log_softmax(student_logits.float() / T, dim=-1)
+    return (torch.xlogy(p, p) - p * log_q).sum(-1)
+
+
+@LOSSES.register("alpha")
+def alpha_divergence(
+    target_probs: Tensor, student_logits: Tensor, T: float = 1.0, alpha: float = 1.0, iw_clip: float = 1e3
+) -> Tensor:
+    """AlphaNet alpha-divergence ``D_a(p||q) = 1/(a(a-1)) sum_i q_i [(p_i/q_i)^a - 1]`` per sample.
+
+    Evaluated as ``sum_i q_i f_a(r_i)`` with ``r = p/q`` and the generator
+    ``f_a(r) = (r^a - 1 - a(r - 1)) / (a(a-1)) >= 0`` (equal to the formula above since
+    sum q (r - 1) = 0), written with expm1 so that a -> 1 gives ``KL(p||q)`` and a -> 0 gives
+    ``KL(q||p)`` continuously, without cancellation; a = 0 and a = 1 are exact.
+    The importance weight ``(p/q)^a`` is clipped at ``iw_clip`` as in AlphaNet's general branch
+    (no clipping at a = 0, where the weight is 1; AlphaNet clips p/q itself there).
+    """
+    a = float(alpha)
+    log_q = torch.log_softmax(student_logits.float() / T, dim=-1)
+    q = log_q.exp()
+    log_p, pos = _log_probs(target_probs)
+    x = torch.where(pos, log_p - log_q, torch.full_like(log_q, -math.inf))  # log r
+    if a > 0:
+        x = x.clamp(max=math.log(iw_clip) / a)
+    elif a < 0:
+        x = x.clamp(min=math.log(iw_clip) / a)
+    finite = torch.isfinite(x)
+    x = torch.where(finite, x, torch.zeros_like(x))
+    qr = (log_q + x).exp()  # q * r (= p where unclipped), without overflow of exp(x)
+    if a >= 0.5:
+        term = (qr * (_phi(x, a - 1) - 1) + q) / a
+    else:
+        term = (q * _phi(x, a) - qr + q) / (a - 1)
+    f0 = 1.0 / a if a > 0 else math.inf  # f_a(r) as r -> 0 (p_i = 0 without clipping)
+    return torch.where(finite, term, q * f0).sum(-1)
+
+
+@LOSSES.register("adaptive_alpha")
+def adaptive_alpha_divergence(
+    target_probs: Tensor,
+    student_logits: Tensor,
+    T: float = 1.0,
+    alpha_min: float = -1.0,
+    alpha_max: float = 1.0,
+    iw_clip: float = 5.0,
+) -> Tensor:
+    """AlphaNet adaptive loss: per sample ``max(D_{alpha_min}, D_{alpha_max})`` (defaults from
+    AlphaNet's configs). Gradient is the exact gradient of the selected branch."""
+    lo = alpha_divergence(target_probs, student_logits, T, alpha_min, iw_clip)
+    hi = alpha_divergence(target_probs, student_logits, T, alpha_max, iw_clip)
+    return torch.maximum(lo, hi)
+
+
+@LOSSES.register("alpha_beta")
+def alpha_beta_divergence(
+    target_probs: Tensor, student_logits: Tensor, T: float = 1.0, alpha: float = 1.0, beta: float = 0.0
+) -> Tensor:
+    """ABKD alpha-beta divergence per sample, p = target, q = softmax(s/T):
+    ``-(1/(a b)) sum_i [p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)]``.
+
+    Evaluated with ``d = log q - log p`` as ``(1/(a+b)) sum_i [p^a q^b phi(d, a) - p^(a+b) phi(d, b)]``,
+    ``phi(d, h) = expm1(h d)/h`` (= d at h = 0), which covers a = 0 or b = 0 exactly
+    ((1, 0) = KL(p||q), (0, 1) = KL(q||p)); a + b = 0 uses Cichocki's limit
+    ``(expm1(-a d) + a d) / a^2`` (a = b = 0: ``d^2 / 2``). A class with p = 0 contributes
+    ``q^(a+b) / (a (a+b))`` when a > 0 and a + b > 0, else +inf.
+    """
+    a, b = float(alpha), float(beta)
+    lam = a + b
+    log_q = torch.log_softmax(student_logits.float() / T, dim=-1)
+    u, pos = _log_probs(target_probs)
+    d = log_q - u
+    if lam == 0:
+        g = d.square() / 2 if a == 0 else (torch.expm1(-a * d) + a * d) / a**2
+    else:
+        g = ((a * u + b * log_q).exp() * _phi(d, a) - (lam * u).exp() * _phi(d, b)) / lam
+    g0 = (lam * log_q).exp() / (a * lam) if a > 0 and lam > 0 else torch.full_like(g, math.inf)
+    return torch.where(pos, g, g0).sum(-1)
+
+
+def divergence(
+    kind: str,
+    target_probs: Tensor,
+    student_logits: Tensor,
+    T: float = 1.0,
+    *,
+    standardize: bool = False,
+    **params: Any,
+) -> Tensor:
+    """Per-sample ``T^2 * D_kind(p || softmax(v / T))``, ``v = Z(s)`` if ``standardize`` (the
+    target side is the caller's: build it with ``soft_targets(t, T, standardize)``)."""
+    if kind not in LOSSES:
+        raise UserError(f"divergence.kind: unknown '{kind}' (known: {', '.join(LOSSES)})")
+    s = zscore(student_logits) if standardize else student_logits.float()
+    try:
+        return T**2 * LOSSES.get(kind)(target_probs, s, T, **params)
+    except TypeError as e:
+        raise UserError(f"divergence '{kind}': {e}") from None
+
+
+class Divergence(nn.Module):
+    """Batch mean of ``divergence(kind, p, s, T, standardize=..., **params)``."""
+
+    def __init__(self, kind: str = "kl", T: float = 1.0, standardize: bool = False, **params: Any) -> None:
+        super().__init__()
+        if kind not in LOSSES:
+            raise UserError(f"divergence.kind: unknown '{kind}' (known: {', '.join(LOSSES)})")
+        self.kind, self.T, self.standardize, self.params = kind, T, standardize, params
+
+    def forward(self, student_logits: Tensor, target_probs: Tensor) -> Tensor:
+        return divergence(
+            self.kind, target_probs, student_logits, self.T, standardize=self.standardize, **self.params
+        ).mean()
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, T={self.T}, standardize={self.standardize}, params={self.params}"
