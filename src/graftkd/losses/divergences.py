@@ -136,6 +136,18 @@ def divergence(
         raise UserError(f"divergence '{kind}': {e}") from None
 
 
+def divergence_spec(cfg: Any) -> tuple[str, dict[str, float]]:
+    """(registered kind, keyword parameters) for a ``config.DivergenceConfig``: ``kl``; ``alpha``
+    (``adaptive_alpha`` when ``cfg.adaptive``); ``alpha_beta``."""
+    if cfg.kind == "kl":
+        return "kl", {}
+    if cfg.kind == "alpha_beta":
+        return "alpha_beta", {"alpha": cfg.alpha, "beta": cfg.beta}
+    if cfg.adaptive:
+        return "adaptive_alpha", {"alpha_min": cfg.alpha_min, "alpha_max": cfg.alpha_max, "iw_clip": cfg.iw_clip}
+    return "alpha", {"alpha": cfg.alpha, "iw_clip": cfg.iw_clip}
+
+
 class Divergence(nn.Module):
     """Batch mean of ``divergence(kind, p, s, T, standardize=..., **params)``."""
 
