@@ -180,22 +180,49 @@ class ATFMethod(Strict):
 
 
 class GraftStageOptim(Strict):
-    epochs: list[int] = Field(default_factory=lambda: [20], description="epochs per unit/step (last value repeats)")
-    lr: float = Field(2.5e-4, gt=0)
-    bridge_lr: float = Field(2.5e-3, gt=0)
+    """Adam of grafting stage 1, block-wise (NetGraft CIFAR-10 defaults: a fresh Adam per unit,
+    constant lr, the weights of the last epoch handed on)."""
+
+    epochs: list[Annotated[int, Field(ge=1)]] = Field(
+        [100, 60, 60], min_length=1, description="epochs per unit (stages, then the head); the last value repeats")
+    lr: list[Annotated[float, Field(gt=0)]] = Field(
+        [2.5e-4], min_length=1, description="Adam lr of the student modules per unit; the last value repeats")
+    bridge_lr: float = Field(2.5e-3, gt=0, description="Adam lr of the 1x1 bridges")
     weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (PyTorch defaults, as NetGraft)")
+    scale_lr_with_shots: bool = Field(True, description="with method.scale_with_shots, multiply these lrs by N/10")
+
+
+class GraftStage2Optim(GraftStageOptim):
+    """Adam of grafting stage 2, progressive (NetGraft: lr 1e-4 for every parameter, not scaled with
+    N; the final step keeps its best-validation epoch)."""
+
+    epochs: list[Annotated[int, Field(ge=1)]] = Field(
+        [100, 100], min_length=1, description="epochs per progressive step (units 1..i, i = 2..n); the last repeats")
+    lr: list[Annotated[float, Field(gt=0)]] = Field([1e-4], min_length=1, description="Adam lr per step; the last repeats")
+    bridge_lr: float = Field(1e-4, gt=0, description="Adam lr of the 1x1 bridges")
+    scale_lr_with_shots: bool = Field(False, description="with method.scale_with_shots, multiply these lrs by N/10")
 
 
 class GraftMethod(Strict):
+    """Dual-stage progressive network grafting (methods.md I.3): student units grafted into a frozen
+    host teacher one by one (stage 1), then progressively chained (stage 2), then bridges folded."""
+
     name: Literal["graft"] = "graft"
-    target: Literal["host", "fused", "label"] = "fused"
-    host: int | None = Field(None, description="index into teachers; None: best on validation")
-    temperature: float = Field(4.0, gt=0)
-    ce_weight: float = Field(0.0, ge=0)
-    init_from_teacher: bool = True
-    scale_with_shots: bool = Field(True, description="NetGraft rule: lr and batch x N/10")
-    stage1: GraftStageOptim = GraftStageOptim()
-    stage2: GraftStageOptim = GraftStageOptim(epochs=[20], lr=1e-4, bridge_lr=1e-4)
+    target: Literal["host", "fused", "label"] = Field(
+        "fused", description="host: NetGraft normalised-logit MSE to the host's logits; fused: T^2 KL to the "
+                             "fused multi-teacher target (`fusion`); label: cross-entropy (ablation)")
+    host: int | None = Field(None, ge=0, description="index into `teachers` of the host; None: best on validation")
+    temperature: float = Field(4.0, gt=0, description="temperature of the fused target (target=fused)")
+    ce_weight: float = Field(0.0, ge=0, description="weight of an extra CE term to the labels (host/fused)")
+    shared_stages: int = Field(0, ge=0, description="leading host stages kept with the stem: copied into the "
+                                                    "student, never grafted (NetGraft VGG16: 3)")
+    init_from_teacher: bool = Field(True, description="initialise grafted student tensors from the host's "
+                                                      "where name and shape match")
+    scale_with_shots: bool = Field(True, description="NetGraft rule with data.shots = N: batch = "
+                                                     "int(data.batch_size * N/10), lrs x N/10 (see scale_lr_with_shots)")
+    stage1: GraftStageOptim = Field(GraftStageOptim(), description="block-wise grafting, one phase per unit")
+    stage2: GraftStage2Optim = Field(GraftStage2Optim(), description="progressive grafting, units 1..i together")
 
 
 MethodConfig = Annotated[
