@@ -1,5 +1,6 @@
 """Distillation methods; importing this package registers them in ``METHODS``."""
 from graftkd.methods import supervised  # noqa: F401
+from graftkd.methods import atf  # noqa: F401
 from graftkd.methods.base import METHODS, Method, OptimSpec, Phase, StepContext
 
 __all__ = ["METHODS", "Method", "OptimSpec", "Phase", "StepContext"]

@@ -1,0 +1,259 @@
+"""Adaptive Teacher Finetune (ATF): offline KD whose pretrained teachers keep learning, from the
+labels and from the student, while the student distils from them.
+
+The ATF paper's text is not available; this is graftkd's definition (methods.md I.4). With
+``p = softmax(Z(v) / T)`` (``Z`` the per-sample logit standardisation, switch ``standardize``)::
+
+    student    L_S = ce_weight * CE(s, y) + kd_weight * T^2 * D(stopgrad(p_T) || p_S)
+    teacher k  L_k = CE(z_k, y) + lam * T^2 * D(stopgrad(p_S) || p_k) + mu * ||theta_k - theta_k0||^2
+
+``D`` is the configured divergence (alpha fixed or adaptive, KL, alpha-beta). ``p_T`` is teacher
+k's distribution when K = 1, else the fused target ``sum_k w_k p_k`` (``fusion`` section): global
+strategies (mean, accuracy, best) use the accuracies of the teachers *before* adaptation, measured
+once on validation when the method is built, so the weights stay fixed; per-sample strategies
+(entropy, confidence) are computed live from the adapting teachers' current logits.
+
+One phase, one optimiser for the student and one per teacher (lr = ratio * student lr). The step
+returns ``loss = L_S + sum_k L_k``; the stop-gradients make L_S reach only the student and L_k
+only teacher k. A teacher *update step* is a step in epoch >= ``warmup_epochs`` with
+``(step + 1) % teacher_every == 0`` (the steps on which the trainer steps its optimiser); only on
+those steps does the teacher run with gradients (and, with ``teacher_bn: train``, in train mode).
+On every other step it is a frozen eval-mode teacher without gradients, so its optimiser skips it
+(``grad is None``: no momentum or weight-decay move) and its BN statistics do not change.
+
+Modes (``method.mode``), one code path:
+
+============= ====================== ====== ==== ========== ======== ===========
+mode          teachers               CE_T   lam  mu         lr ratio warm-up
+============= ====================== ====== ==== ========== ======== ===========
+offline       pretrained, frozen     --     --   --         --       --
+offline_joint pretrained, trained    yes    0    mu         lr_ratio warmup_epochs
+atf           pretrained, trained    yes    lam  mu         lr_ratio warmup_epochs
+online        random init (DML peer) yes    lam  0          peer_lr  0
+============= ====================== ====== ==== ========== ======== ===========
+
+Online peers are built from the teachers' architectures (checkpoints ignored), always run in train
+mode on their (every-step) updates and see the data's normalisation.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftkd.config import ATFMethod, ExperimentConfig
+from graftkd.errors import UserError
+from graftkd.losses import divergences
+from graftkd.losses.standardize import soft_targets
+from graftkd.methods.base import METHODS, Method, OptimSpec, Phase, StepContext
+from graftkd.teachers import fusion
+from graftkd.teachers.ensemble import Teacher
+
+Predict = Callable[[Callable[[torch.Tensor], torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Effective:
+    """The values a mode actually uses (recorded in metrics.json)."""
+
+    lam: float
+    mu: float
+    lr_ratio: float
+    teacher_every: int
+    warmup_epochs: int
+    teacher_bn: str
+
+    @staticmethod
+    def of(m: ATFMethod) -> "Effective":
+        if m.mode == "offline":
+            return Effective(0.0, 0.0, 0.0, 1, 0, "eval")
+        if m.mode == "online":
+            return Effective(m.lam, 0.0, m.peer_lr_ratio, 1, 0, "train")
+        lam = m.lam if m.mode == "atf" else 0.0
+        return Effective(lam, m.mu, m.lr_ratio, m.teacher_every, m.warmup_epochs, m.teacher_bn)
+
+
+class Anchor(nn.Module):
+    """A fixed copy of a module's parameters (theta_0) as persistent buffers, in parameter order."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        for i, p in enumerate(module.parameters()):
+            self.register_buffer(f"p{i}", p.detach().clone())
+
+    def squared_distance(self, module: nn.Module) -> torch.Tensor:
+        """``||theta - theta_0||^2`` summed over every parameter (differentiable in theta)."""
+        return torch.stack([(p.float() - p0.float()).square().sum()
+                            for p, p0 in zip(module.parameters(), self.buffers())]).sum()
+
+    @torch.no_grad()
+    def relative_change(self, module: nn.Module) -> float:
+        """``||theta - theta_0|| / ||theta_0||`` over all parameters."""
+        ref = torch.stack([p0.float().square().sum() for p0 in self.buffers()]).sum()
+        return float((self.squared_distance(module) / ref).sqrt())
+
+
+class ATF(Method):
+    """Student + K adapting teachers (see the module docstring). ``teachers`` are ``Teacher``
+    wrappers (input re-normalisation + model); ``val_logits0`` [K, N, C] are their validation
+    logits before training, ``val_labels`` [N]; ``predict_val(fn)`` runs ``fn`` over the
+    validation split in the same order (the run's device and precision)."""
+
+    def __init__(self, cfg: ExperimentConfig, student: nn.Module, teachers: Sequence[Teacher],
+                 val_logits0: torch.Tensor, val_labels: torch.Tensor, predict_val: Predict) -> None:
+        super().__init__()
+        m = cfg.method
+        assert isinstance(m, ATFMethod)
+        if m.mode == "online" and len(teachers) > 1 and cfg.fusion.strategy in ("accuracy", "best"):
+            raise UserError(f"method.mode=online: peers start from random init, so fusion.strategy="
+                            f"'{cfg.fusion.strategy}' (validation accuracy) has nothing to weigh; use mean, "
+                            f"entropy or confidence")
+        self.cfg, self.m, self.eff = cfg, m, Effective.of(m)
+        self.kind, self.params = divergences.divergence_spec(m.divergence)
+        self.model = student
+        self.teachers = nn.ModuleList(teachers)
+        self.anchors = nn.ModuleList(Anchor(t.model) for t in teachers)
+        self.predict_val = predict_val
+        self.register_buffer("val_pred0", val_logits0.argmax(-1))  # [K, N]
+        self.register_buffer("val_acc0", (self.val_pred0 == val_labels).float().mean(1))  # [K]
+        for t in teachers:
+            t.model.graftkd_arch = t.name  # the architecture name of the saved model file
+            t.model.requires_grad_(m.mode != "offline")
+            if m.mode == "offline":
+                self.frozen.append(t)
+
+    # ------------------------------------------------------------------------------- training
+    def phases(self) -> list[Phase]:
+        c = self.cfg
+        specs = [OptimSpec(params=[{"params": list(self.model.parameters())}], optimizer=c.optimizer,
+                           schedule=c.schedule, name="student")]
+        if self.m.mode != "offline":
+            specs += [OptimSpec(params=[{"params": list(t.model.parameters()), "lr_scale": self.eff.lr_ratio}],
+                                optimizer=c.optimizer, schedule=c.schedule, name=f"teacher{k}",
+                                every=self.eff.teacher_every)
+                      for k, t in enumerate(self.teachers)]
+        return [Phase(name="train", epochs=c.trainer.epochs, optimizers=specs)]
+
+    def updates_teachers(self, ctx: StepContext) -> bool:
+        """Whether this step is a teacher update step (see the module docstring)."""
+        return (self.m.mode != "offline" and ctx.epoch >= self.eff.warmup_epochs
+                and (ctx.step + 1) % self.eff.teacher_every == 0)
+
+    def div(self, target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Batch mean of ``T^2 * D(target || softmax(Z(logits) / T))``."""
+        return divergences.divergence(self.kind, target, logits, self.m.temperature,
+                                      standardize=self.m.standardize, **self.params).mean()
+
+    def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        x, y = batch["image"], batch["label"]
+        m, T = self.m, self.m.temperature
+        update = self.updates_teachers(ctx)
+        if self.eff.teacher_bn == "train":
+            for t in self.teachers:
+                t.model.train(update and self.training)
+        s = self.model(x).float()
+        with torch.set_grad_enabled(update):
+            z = torch.stack([t(x).float() for t in self.teachers])  # [K, B, C]
+        zt = z.detach()
+        w = fusion.weights(self.cfg.fusion.strategy, zt, y, self.val_acc0, self.cfg.fusion.tau)
+        target = fusion.fuse(zt, w, T, m.standardize)
+        ce = F.cross_entropy(s, y)
+        kd = self.div(target, s)
+        student_loss = m.ce_weight * ce + m.kd_weight * kd
+        out = {"ce": ce, "kd": kd, "student_loss": student_loss, "acc": (s.argmax(1) == y).float().mean()}
+        if m.mode == "offline":
+            return {"loss": student_loss, **out}
+        k, b, c = z.shape
+        with torch.set_grad_enabled(update):
+            t_ce = F.cross_entropy(z.reshape(k * b, c), y.repeat(k)) * k  # sum over teachers
+            teacher_loss = t_ce
+            out["teacher_ce"] = t_ce
+            if m.mode != "offline_joint":
+                p_s = soft_targets(s.detach(), T, m.standardize).repeat(k, 1)
+                t_kd = self.div(p_s, z.reshape(k * b, c)) * k
+                teacher_loss = teacher_loss + self.eff.lam * t_kd
+                out["teacher_kd"] = t_kd
+            if m.mode != "online":
+                drift = torch.stack([a.squared_distance(t.model) for a, t in zip(self.anchors, self.teachers)]).sum()
+                teacher_loss = teacher_loss + self.eff.mu * drift
+                out["teacher_drift"] = drift
+        out["teacher_loss"] = teacher_loss
+        out["teacher_acc"] = (zt.argmax(-1) == y).float().mean()
+        return {"loss": student_loss + teacher_loss if update else student_loss, **out}
+
+    # -------------------------------------------------------------------------------- outputs
+    def student(self) -> nn.Module:
+        return self.model
+
+    def extra_outputs(self) -> dict[str, nn.Module]:
+        """The adapted teachers (``teacher_adapted`` or ``teacher_adapted_<k>``); none when offline."""
+        if self.m.mode == "offline":
+            return {}
+        out = {}
+        for k, t in enumerate(self.teachers):
+            out["teacher_adapted" if len(self.teachers) == 1 else f"teacher_adapted_{k}"] = t.model
+        return out
+
+    def final_metrics(self, score: Callable[[Callable[[torch.Tensor], torch.Tensor], str], dict[str, Any]]
+                      ) -> dict[str, Any]:
+        """Per teacher: val/test metrics after training, and how far it moved: relative weight
+        change, validation accuracy before/after, agreement of the final student's validation
+        predictions with the teacher before (theta_0) and after adaptation."""
+        out = self.predict_val(lambda x: torch.stack([self.model(x)] + [t(x) for t in self.teachers], 1))
+        pred = out["logits"].argmax(-1).T.to(self.val_pred0.device)  # [1 + K, N]
+        labels = out["labels"].to(pred.device)
+        rows = []
+        for k, t in enumerate(self.teachers):
+            acc0, acc1 = float(self.val_acc0[k]), float((pred[1 + k] == labels).float().mean())
+            rows.append({
+                "name": t.name, "source": t.source,
+                "relative_weight_change": self.anchors[k].relative_change(t.model),
+                "val_acc_before": acc0, "val_acc_after": acc1, "val_acc_change": acc1 - acc0,
+                "agreement_before": float((pred[0] == self.val_pred0[k]).float().mean()),
+                "agreement_after": float((pred[0] == pred[1 + k]).float().mean()),
+                "val": score(t, "val"), "test": score(t, "test"),
+            })
+        return {"atf": {"mode": self.m.mode, "effective": asdict(self.eff), "fusion": self.cfg.fusion.strategy,
+                        "teachers": rows}}
+
+
+def online_peer(cfg_name: str, kwargs: dict[str, Any], num_classes: int, mean: Sequence[float],
+                std: Sequence[float]) -> Teacher:
+    """A randomly initialised peer of the given architecture that sees the data's normalisation."""
+    from graftkd.models import create_model
+
+    model = create_model(cfg_name, num_classes=num_classes, **kwargs)
+    return Teacher(model, cfg_name, "random init (online peer)", tuple(mean), tuple(std), tuple(mean), tuple(std))
+
+
+@METHODS.register("atf")
+def build_atf(cfg: ExperimentConfig, data: Any, build_student: Callable[[], nn.Module], device: torch.device,
+              **_: Any) -> ATF:
+    """ATF (or one of its comparison modes) for ``cfg.method.mode``; measures the teachers on
+    validation once, before any training."""
+    from graftkd.engine.run import split_predictions
+    from graftkd.teachers.ensemble import _load_one
+
+    m = cfg.method
+    assert isinstance(m, ATFMethod)
+    if not cfg.teachers:
+        raise UserError("method 'atf' needs teachers: add a `teachers:` list to the config")
+    if len(data.val) == 0:
+        raise UserError("method 'atf' measures the teachers before and after on validation, and it is empty")
+    student = build_student()
+    if m.mode == "online":
+        teachers = [online_peer(t.name, t.kwargs, data.num_classes, data.mean, data.std) for t in cfg.teachers]
+    else:
+        teachers = [_load_one(t, i, list(data.classes), tuple(data.mean), tuple(data.std))
+                    for i, t in enumerate(cfg.teachers)]
+
+    def predict_val(fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        return split_predictions(fn, data.val, cfg, device)
+
+    for t in teachers:
+        t.to(device).eval()
+    before = predict_val(lambda x: torch.stack([t(x) for t in teachers], 1))
+    return ATF(cfg, student, teachers, before["logits"].transpose(0, 1), before["labels"], predict_val)
