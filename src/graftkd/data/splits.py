@@ -1,0 +1,230 @@
+"""Group-level (patient-level) splits: stratified fractions, k folds, official Folds.csv, predefined,
+and the ``splits.csv`` file a run writes so the split can be re-used.
+
+Every function assigns whole groups, so no group ever appears in two splits.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from graftkd.config import SplitConfig
+from graftkd.data.types import Record
+from graftkd.engine.io import atomic_write_text
+from graftkd.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+def group_strata(records: Sequence[Record]) -> dict[str, str]:
+    """Stratum of every group: the subtype when records carry one (BreakHis), else the majority label."""
+    votes: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        votes[r.group][str(r.meta.get("subtype", r.label))] += 1
+    return {g: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for g, c in votes.items()}
+
+
+def _shuffled_strata(groups: Sequence[str], strata: dict[str, str], rng: np.random.Generator) -> list[list[str]]:
+    by: dict[str, list[str]] = defaultdict(list)
+    for g in sorted(set(groups)):
+        by[strata[g]].append(g)
+    return [[members[j] for j in rng.permutation(len(members))] for _, members in sorted(by.items())]
+
+
+def fraction_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """Groups per part for one stratum of ``n`` groups: rounded, every part with a positive
+    fraction gets one group while the first (train) part keeps at least one."""
+    counts = [int(round(n * f)) for f in fractions[1:]]
+    for j, f in enumerate(fractions[1:]):
+        if f > 0 and counts[j] == 0 and n - sum(counts) >= 2:
+            counts[j] = 1
+    while sum(counts) > n - 1 and any(counts):
+        j = max(range(len(counts)), key=lambda k: counts[k])
+        counts[j] -= 1
+    return [n - sum(counts), *counts]
+
+
+def split_fraction(groups: Sequence[str], strata: dict[str, str], fractions: Sequence[float], names: Sequence[str],
+                   seed: int) -> dict[str, str]:
+    """Stratified, seeded group split by fractions -> {group: name}."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, str] = {}
+    for members in _shuffled_strata(groups, strata, rng):
+        start = 0
+        for name, count in zip(names, fraction_counts(len(members), fractions)):
+            out.update({g: name for g in members[start:start + count]})
+            start += count
+    return out
+
+
+def split_kfold(groups: Sequence[str], strata: dict[str, str], k: int, seed: int) -> dict[str, int]:
+    """Stratified, seeded k-fold assignment of groups -> {group: fold}; fold sizes differ by at most one."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, int] = {}
+    counter = 0
+    for members in _shuffled_strata(groups, strata, rng):
+        for g in members:
+            out[g] = counter % k
+            counter += 1
+    return out
+
+
+def carve_val(assign: dict[str, str], strata: dict[str, str], val_fraction: float, seed: int) -> dict[str, str]:
+    """Move a stratified ``val_fraction`` of the train groups to val."""
+    if val_fraction <= 0:
+        return assign
+    train = [g for g, s in assign.items() if s == "train"]
+    moved = split_fraction(train, strata, [1 - val_fraction, val_fraction], ["train", "val"], seed + 1)
+    return {**assign, **moved}
+
+
+def read_folds_csv(path: Path, fold: int) -> tuple[dict[tuple[str, int], str], list[str]]:
+    """Official BreakHis ``Folds.csv`` (fold,mag,grp,filename) -> {(file name, mag): train|test} for the
+    ``fold``-th fold (0-based over the sorted fold numbers in the file) and the fold numbers found."""
+    rows = _read_csv(path, ("fold", "mag", "grp", "filename"))
+    folds = sorted({r["fold"] for r in rows}, key=lambda f: (len(f), f))
+    if fold >= len(folds):
+        raise UserError(f"split.fold={fold} but {path} has {len(folds)} folds ({', '.join(folds)}); use 0..{len(folds) - 1}")
+    chosen = folds[fold]
+    out: dict[tuple[str, int], str] = {}
+    for i, r in enumerate(rows, start=2):
+        if r["fold"] != chosen:
+            continue
+        grp = r["grp"].strip().lower()
+        if grp not in ("train", "test"):
+            raise UserError(f"{path}, line {i}: grp must be train or test, got {r['grp']!r}")
+        try:
+            mag = int(r["mag"])
+        except ValueError:
+            raise UserError(f"{path}, line {i}: mag must be an integer, got {r['mag']!r}") from None
+        out[(Path(r["filename"].replace("\\", "/")).name, mag)] = grp
+    return out, folds
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"CSV file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a UTF-8 text CSV") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    reader.fieldnames = header
+    for col in required:
+        if col not in header:
+            raise UserError(f"{path}: missing column '{col}' (header: {','.join(header) or 'empty'})")
+    return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+
+
+def record_key(r: Record, root: Path | None) -> str:
+    """Stable key of a record in ``splits.csv``: path relative to the data root, or the array index."""
+    if r.path is None:
+        return str(r.meta["index"])
+    p = Path(r.path)
+    if root is not None:
+        try:
+            return p.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return p.as_posix()
+
+
+def write_splits(path: Path, records: Sequence[Record], assign: Sequence[str], root: Path | None) -> Path:
+    """Write ``splits.csv``: path (or index), label, group, split[, magnification]."""
+    key_col = "index" if records and records[0].path is None else "path"
+    has_mag = bool(records) and "magnification" in records[0].meta
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([key_col, "label", "group", "split"] + (["magnification"] if has_mag else []))
+    for r, s in zip(records, assign):
+        w.writerow([record_key(r, root), r.label, r.group, s] + ([r.meta["magnification"]] if has_mag else []))
+    return atomic_write_text(path, buf.getvalue())
+
+
+def read_splits(path: Path, records: Sequence[Record], root: Path | None) -> list[str]:
+    """Split of every record from a ``splits.csv`` written by an earlier run.
+
+    Rows for records not present now are ignored (e.g. another magnification); a present record
+    the file does not list, or a group split across two parts, is an error.
+    """
+    rows = _read_csv(path, ("split",))
+    key_col = "index" if records and records[0].path is None else "path"
+    if rows and key_col not in rows[0]:
+        raise UserError(f"{path}: missing column '{key_col}'")
+    table: dict[str, str] = {}
+    for i, r in enumerate(rows, start=2):
+        if r["split"] not in SPLITS:
+            raise UserError(f"{path}, line {i}: split must be train, val or test, got {r['split']!r}")
+        table[r[key_col]] = r["split"]
+    out, missing = [], []
+    for r in records:
+        s = table.get(record_key(r, root))
+        if s is None:
+            missing.append(record_key(r, root))
+        out.append(s or "")
+    if missing:
+        raise UserError(f"split.file {path} does not list {len(missing)} of the current records, e.g. {missing[0]}")
+    check_groups(records, out, str(path))
+    return out
+
+
+def check_groups(records: Sequence[Record], assign: Sequence[str], source: str) -> None:
+    """UserError when a group appears in two splits."""
+    seen: dict[str, str] = {}
+    for r, s in zip(records, assign):
+        if seen.setdefault(r.group, s) != s:
+            raise UserError(f"{source}: group {r.group!r} appears in both {seen[r.group]} and {s}")
+
+
+def assign_splits(records: Sequence[Record], cfg: SplitConfig, seed: int, root: Path | None) -> tuple[list[str], dict]:
+    """Split name (train/val/test) of every record, and a description for ``info``."""
+    seed = cfg.seed if cfg.seed is not None else seed
+    strata = group_strata(records)
+    groups = [r.group for r in records]
+    desc: dict = {"kind": cfg.kind, "seed": seed}
+    if cfg.file is not None:
+        return read_splits(cfg.file, records, root), {**desc, "kind": "file", "file": str(cfg.file)}
+    if cfg.kind == "fraction":
+        by_group = split_fraction(groups, strata, [cfg.train, cfg.val, cfg.test], SPLITS, seed)
+        desc["fractions"] = [cfg.train, cfg.val, cfg.test]
+    elif cfg.kind == "kfold":
+        if cfg.fold >= cfg.k:
+            raise UserError(f"split.fold={cfg.fold} must be < split.k={cfg.k}")
+        folds = split_kfold(groups, strata, cfg.k, seed)
+        by_group = carve_val({g: "test" if f == cfg.fold else "train" for g, f in folds.items()}, strata,
+                             cfg.val_fraction, seed)
+        desc.update(k=cfg.k, fold=cfg.fold, val_fraction=cfg.val_fraction)
+    elif cfg.kind == "official":
+        if cfg.folds_csv is None:
+            raise UserError("split.kind=official needs split.folds_csv (the BreakHis Folds.csv)")
+        table, folds = read_folds_csv(cfg.folds_csv, cfg.fold)
+        per_record, missing = [], []
+        for r in records:
+            s = table.get((Path(r.path or "").name, int(r.meta.get("magnification", -1))))
+            if s is None:
+                missing.append(r.path)
+            per_record.append(s or "")
+        if missing:
+            raise UserError(f"{cfg.folds_csv} does not list {len(missing)} of the images, e.g. {missing[0]}")
+        check_groups(records, per_record, str(cfg.folds_csv))
+        by_group = carve_val({r.group: s for r, s in zip(records, per_record)}, strata, cfg.val_fraction, seed)
+        desc.update(folds_csv=str(cfg.folds_csv), fold=cfg.fold, official_fold=folds[cfg.fold],
+                    val_fraction=cfg.val_fraction)
+    else:  # predefined: the source says train/test (CIFAR, CSV split column, folder train/ test/)
+        given = [r.meta.get("split") for r in records]
+        if any(s is None for s in given):
+            raise UserError("split.kind=predefined but this source has no predefined split "
+                            "(CSV: add a 'split' column; folder: use train/ and test/ subfolders)")
+        check_groups(records, given, "predefined split")
+        by_group = {r.group: s for r, s in zip(records, given)}
+        if not any(s == "val" for s in given):
+            by_group = carve_val(by_group, strata, cfg.val_fraction, seed)
+        desc["val_fraction"] = cfg.val_fraction
+    return [by_group[r.group] for r in records], desc
