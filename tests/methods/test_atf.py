@@ -93,3 +93,99 @@ def test_losses_match_the_formulas_with_alpha_half(tmp_path):
     teacher = F.cross_entropy(z, b["label"]) + 0.7 * 4 * d_half(p_s, p_t)
     assert out["student_loss"].item() == pytest.approx(student.item(), rel=1e-5)
     assert out["teacher_loss"].item() == pytest.approx(teacher.item(), rel=1e-5)
+
+
+def test_alpha_one_equals_kl(tmp_path):
+    outs = []
+    for div in (["method.divergence.kind=kl"], ["method.divergence.alpha=1", "method.divergence.iw_clip=1e6"]):
+        method = make_method(make_cfg(tmp_path, "method.temperature=3", *div)).eval()
+        outs.append(method.training_step(batch(), ctx()))
+    kl, alpha = outs
+    with torch.no_grad():
+        s, z = method.model(batch()["image"]), method.teachers[0](batch()["image"])
+    by_hand = 9 * F.kl_div(torch.log_softmax(standardize(s) / 3, -1), torch.softmax(standardize(z) / 3, -1),
+                           reduction="batchmean")
+    assert kl["kd"].item() == pytest.approx(by_hand.item(), rel=1e-6)
+    for key in ("kd", "teacher_kd", "student_loss", "teacher_loss"):
+        assert alpha[key].item() == pytest.approx(kl[key].item(), rel=1e-6), key
+
+
+def test_theta0_is_a_fixed_buffer_copy_and_the_drift_term_is_exact(tmp_path):
+    method = make_method(make_cfg(tmp_path, "method.mu=0.01", "method.lam=0")).eval()
+    teacher, anchor = method.teachers[0].model, method.anchors[0]
+    assert not list(anchor.parameters())
+    assert all(f"anchors.0.p{i}" in method.state_dict() for i in range(len(list(teacher.parameters()))))
+    theta0 = [b.clone() for b in anchor.buffers()]
+    n = sum(p.numel() for p in teacher.parameters())
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.5)
+    assert all(torch.equal(a, b) for a, b in zip(anchor.buffers(), theta0))
+    out = method.training_step(batch(), ctx())
+    assert out["teacher_drift"].item() == 0.25 * n
+    assert out["teacher_loss"].item() == pytest.approx(out["teacher_ce"].item() + 0.01 * 0.25 * n, rel=1e-6)
+    norm0 = math.sqrt(sum(float(b.square().sum()) for b in theta0))
+    assert anchor.relative_change(teacher) == pytest.approx(0.5 * math.sqrt(n) / norm0, rel=1e-6)
+
+
+def test_atf_with_lam_mu_ratio_zero_equals_offline_kd_after_training(tmp_path):
+    offline = fit(cfg := make_cfg(tmp_path / "a", "method.mode=offline"), make_method(cfg))
+    zero = make_cfg(tmp_path / "b", "method.lam=0", "method.mu=0", "method.lr_ratio=0")
+    atf = make_method(zero)
+    before = teacher_state(atf)
+    fit(zero, atf)
+    for key, value in offline.model.state_dict().items():
+        assert torch.equal(value, atf.model.state_dict()[key]), key
+    assert all(torch.equal(v, teacher_state(atf)[k]) for k, v in before.items())
+    assert not torch.equal(before["fc.weight"], make_method(zero, seed=2).teachers[0].model.fc.weight)
+
+
+@pytest.mark.parametrize("bn", ["train", "eval"])
+def test_warmup_keeps_the_teacher_unchanged(tmp_path, bn):
+    cfg = make_cfg(tmp_path, "method.warmup_epochs=2", f"method.teacher_bn={bn}", "method.lr_ratio=1",
+                   "optimizer.weight_decay=0.1")
+    method = make_method(cfg)
+    before, student = teacher_state(method), method.model.fc.weight.clone()
+    fit(cfg, method)
+    assert all(torch.equal(v, teacher_state(method)[k]) for k, v in before.items())
+    assert not torch.equal(student, method.model.fc.weight)
+
+
+@pytest.mark.parametrize("bn", ["train", "eval"])
+def test_teacher_bn_mode(tmp_path, bn):
+    cfg = make_cfg(tmp_path, f"method.teacher_bn={bn}", "method.lr_ratio=1")
+    method = make_method(cfg)
+    before = teacher_state(method)
+    fit(cfg, method)
+    after = teacher_state(method)
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+    stats = [k for k in before if "running" in k or "num_batches" in k]
+    assert len(stats) == 3
+    assert all(torch.equal(before[k], after[k]) == (bn == "eval") for k in stats)
+
+
+def test_teacher_every_and_warmup_decide_the_update_steps(tmp_path):
+    method = make_method(make_cfg(tmp_path, "method.teacher_every=3", "method.warmup_epochs=1")).train()
+    assert [method.updates_teachers(ctx(e, s)) for e, s in [(0, 2), (1, 5), (1, 6), (1, 7), (1, 8)]] == \
+        [False, True, False, False, True]
+    out = method.training_step(batch(), ctx(1, 6))
+    assert out["loss"].grad_fn is not None and out["teacher_loss"].grad_fn is None
+    assert torch.equal(out["loss"], out["student_loss"])
+    assert method.phases()[0].optimizers[1].every == 3
+
+
+def test_modes_switch_the_teacher_terms(tmp_path):
+    keys = {}
+    for mode in ("offline", "offline_joint", "atf", "online"):
+        method = make_method(make_cfg(tmp_path, f"method.mode={mode}", "method.lam=2", "method.lr_ratio=0.5",
+                                      "method.peer_lr_ratio=0.8"))
+        keys[mode] = sorted(k for k in method.training_step(batch(), ctx()) if k.startswith("teacher_"))
+        specs = method.phases()[0].optimizers
+        ratios = [s.params[0].get("lr_scale", 1.0) for s in specs]
+        assert ratios == {"offline": [1.0], "online": [1.0, 0.8]}.get(mode, [1.0, 0.5]), mode
+        assert all(p.requires_grad == (mode != "offline") for p in method.teachers[0].model.parameters())
+        assert (method.teachers[0] in method.frozen) == (mode == "offline")
+    assert keys["offline"] == []
+    assert keys["offline_joint"] == ["teacher_acc", "teacher_ce", "teacher_drift", "teacher_loss"]
+    assert keys["atf"] == ["teacher_acc", "teacher_ce", "teacher_drift", "teacher_kd", "teacher_loss"]
+    assert keys["online"] == ["teacher_acc", "teacher_ce", "teacher_kd", "teacher_loss"]

@@ -38,7 +38,7 @@ mode on their (every-step) updates and see the data's normalisation.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +49,10 @@ from graftkd.errors import UserError
 from graftkd.losses import divergences
 from graftkd.losses.standardize import soft_targets
 from graftkd.methods.base import METHODS, Method, OptimSpec, Phase, StepContext
-from graftkd.teachers import fusion
-from graftkd.teachers.ensemble import Teacher
+
+# graftkd.teachers imports the engine, which imports graftkd.methods: imported where used
+if TYPE_CHECKING:
+    from graftkd.teachers.ensemble import Teacher
 
 Predict = Callable[[Callable[[torch.Tensor], torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -148,6 +150,8 @@ class ATF(Method):
                                       standardize=self.m.standardize, **self.params).mean()
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        from graftkd.teachers import fusion
+
         x, y = batch["image"], batch["label"]
         m, T = self.m, self.m.temperature
         update = self.updates_teachers(ctx)
@@ -221,9 +225,10 @@ class ATF(Method):
 
 
 def online_peer(cfg_name: str, kwargs: dict[str, Any], num_classes: int, mean: Sequence[float],
-                std: Sequence[float]) -> Teacher:
+                std: Sequence[float]) -> "Teacher":
     """A randomly initialised peer of the given architecture that sees the data's normalisation."""
     from graftkd.models import create_model
+    from graftkd.teachers.ensemble import Teacher
 
     model = create_model(cfg_name, num_classes=num_classes, **kwargs)
     return Teacher(model, cfg_name, "random init (online peer)", tuple(mean), tuple(std), tuple(mean), tuple(std))
