@@ -1,0 +1,205 @@
+"""K frozen teachers with their own input normalisation, and their fused soft targets.
+
+A teacher is a model file written by ``graftkd train`` (``checkpoint``) or a timm name with
+``pretrained: true``. Batches arrive normalised with the data's mean/std; a teacher trained with
+other statistics gets them re-normalised on the fly (``x * data_std / t_std + (data_mean - t_mean) /
+t_std``, as timm's DistillationTeacher does). Teachers are frozen (``requires_grad`` False), kept in
+eval mode, run under ``torch.inference_mode()``, never given to an optimiser nor synchronised
+across ranks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from graftkd.config import FusionConfig, TeacherConfig
+from graftkd.engine.io import atomic_write_json
+from graftkd.errors import UserError
+from graftkd.teachers import fusion
+
+Stats = tuple[float, float, float]
+
+
+def state_checksum(model: nn.Module) -> str:
+    """sha256 of a module's state dict (names, dtypes, shapes and bytes), independent of device."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def records_hash(records: Sequence[Any]) -> str:
+    """sha256 of a record list (path, label, group, in-memory row): the identity of a split."""
+    rows = [[r.path, int(r.label), r.group, r.meta.get("index")] for r in records]
+    return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()
+
+
+class Teacher(nn.Module):
+    """One frozen teacher: re-normalises batches from the data's statistics to its own."""
+
+    def __init__(self, model: nn.Module, name: str, source: str, mean: Stats, std: Stats,
+                 data_mean: Stats, data_std: Stats) -> None:
+        super().__init__()
+        self.model = model
+        self.name, self.source = name, source
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.renormalise = (self.mean, self.std) != (tuple(data_mean), tuple(data_std))
+        d_mean, d_std = torch.tensor(data_mean).view(1, 3, 1, 1), torch.tensor(data_std).view(1, 3, 1, 1)
+        t_mean, t_std = torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1)
+        self.register_buffer("scale", d_std / t_std, persistent=False)
+        self.register_buffer("shift", (d_mean - t_mean) / t_std, persistent=False)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.checksum = state_checksum(self.model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.renormalise:
+            x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        return self.model(x)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "checkpoint": self.source, "mean": list(self.mean), "std": list(self.std),
+                "checksum": self.checksum}
+
+
+class TeacherEnsemble(nn.Module):
+    """K frozen teachers plus the fusion rule that turns their logits into one target."""
+
+    def __init__(self, teachers: Sequence[Teacher], fusion_cfg: FusionConfig, val_acc: torch.Tensor) -> None:
+        super().__init__()
+        if not teachers:
+            raise UserError("distillation needs at least one teacher (the `teachers:` list is empty)")
+        self.teachers = nn.ModuleList(teachers)
+        self.fusion = fusion_cfg
+        self.register_buffer("val_acc", val_acc.float().clone(), persistent=False)
+
+    def __len__(self) -> int:
+        return len(self.teachers)
+
+    def train(self, mode: bool = True) -> "TeacherEnsemble":
+        return super().train(False)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[K, B, C] teacher logits (an ordinary tensor, computed under inference_mode)."""
+        with torch.inference_mode():
+            z = torch.stack([t(x).float() for t in self.teachers])
+        return z.clone()
+
+    def weights(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """[B, K] fusion weights for teacher logits [K, B, C]."""
+        return fusion.weights(self.fusion.strategy, logits, labels, self.val_acc, self.fusion.tau)
+
+    def targets(self, x: torch.Tensor, y: torch.Tensor | None, temperature: float,
+                standardize: bool = False) -> torch.Tensor:
+        """[B, C] fused soft target ``sum_k w_k softmax(z_k / T)`` for images x and labels y."""
+        with torch.inference_mode():
+            z = torch.stack([t(x).float() for t in self.teachers])
+            p = fusion.fuse(z, self.weights(z, y), temperature, standardize)
+        return p.clone()
+
+    def global_weights(self) -> list[float] | None:
+        """Per-teacher weights of a global strategy (mean, accuracy, best), else None."""
+        if self.fusion.strategy not in fusion.GLOBAL_STRATEGIES:
+            return None
+        return fusion.global_weights(self.fusion.strategy, self.val_acc.cpu(), self.fusion.tau).tolist()
+
+    def eval_strategy(self) -> str:
+        """The strategy used to score the ensemble as a classifier: labels are unknown at test
+        time, so ``confidence`` (which needs them) is scored with ``mean`` weights."""
+        return "mean" if self.fusion.strategy == "confidence" else self.fusion.strategy
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Log of the fused distribution at T = 1 (label-free weights): the ensemble as a classifier."""
+        z = torch.stack([t(x).float() for t in self.teachers])
+        w = fusion.weights(self.eval_strategy(), z, None, self.val_acc, self.fusion.tau)
+        return fusion.fuse(z, w, 1.0, False).clamp_min(torch.finfo(torch.float32).tiny).log()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [t.describe() for t in self.teachers]
+
+
+# -------------------------------------------------------------------------------------- loading
+def _load_one(cfg: TeacherConfig, i: int, classes: list[str], data_mean: Stats, data_std: Stats) -> Teacher:
+    from graftkd.models import create_model, load_model_file
+
+    if cfg.checkpoint is not None:
+        model, meta = load_model_file(cfg.checkpoint)
+        label = f"teacher {i} ({meta['arch']}, {cfg.checkpoint})"
+        if "name" in cfg.model_fields_set and cfg.name.removeprefix("timm:") != meta["arch"]:
+            raise UserError(f"{label}: the config names it '{cfg.name}' but the file holds a '{meta['arch']}'")
+        file_classes = list(meta.get("classes") or [])
+        if file_classes != list(classes):
+            raise UserError(f"{label}: its classes {file_classes} ({len(file_classes)}) differ from the data's "
+                            f"{list(classes)} ({len(classes)}); teachers must be trained on the same class list")
+        mean, std, name, source = meta.get("mean"), meta.get("std"), str(meta["arch"]), str(cfg.checkpoint)
+    elif cfg.pretrained:
+        import timm
+
+        timm_name = cfg.name.removeprefix("timm:")
+        pcfg = timm.models.get_pretrained_cfg(timm_name)
+        label = f"teacher {i} ({cfg.name}, timm pretrained)"
+        if pcfg is None:
+            raise UserError(f"{label}: timm has no pretrained weights for '{timm_name}'")
+        if pcfg.num_classes != len(classes):
+            raise UserError(f"{label}: its pretrained head has {pcfg.num_classes} classes, the data has "
+                            f"{len(classes)} {list(classes)}; fine-tune it with `graftkd train` and pass the "
+                            f"model file as checkpoint")
+        if pcfg.label_names is not None and list(pcfg.label_names) != list(classes):
+            raise UserError(f"{label}: its classes {list(pcfg.label_names)} differ from the data's {list(classes)}")
+        model = create_model(cfg.name, num_classes=len(classes), pretrained=True, **cfg.kwargs)
+        mean, std, name, source = pcfg.mean, pcfg.std, cfg.name, f"timm:{timm_name} (pretrained)"
+    else:
+        raise UserError(f"teacher {i} ({cfg.name}) has no weights: give `checkpoint:` (a `graftkd train` "
+                        f"model file) or `pretrained: true` (a timm model)")
+    mean = cfg.mean or (tuple(mean) if mean else data_mean)
+    std = cfg.std or (tuple(std) if std else data_std)
+    return Teacher(model, name, source, mean, std, data_mean, data_std)
+
+
+def measure_val_accuracy(teachers: Sequence[Teacher], val_set: Any, device: torch.device, batch_size: int,
+                         num_workers: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[K] accuracy of each teacher on ``val_set`` (one pass, all teachers per batch)."""
+    from graftkd.engine.trainer import EpochSampler, make_loader, predict  # the engine imports the methods
+
+    if len(val_set) == 0:
+        raise UserError("teacher fusion needs a validation split to measure teacher accuracy, and it is empty")
+    loader = make_loader(val_set, batch_size, EpochSampler(len(val_set), 0, shuffle=False), num_workers, False)
+    out = predict(lambda x: torch.stack([t(x) for t in teachers], dim=1), loader, device, dtype)
+    return (out["logits"].argmax(-1) == out["labels"][:, None]).float().mean(0)
+
+
+def load_teachers(cfgs: Sequence[TeacherConfig], data: Any, device: torch.device, fusion_cfg: FusionConfig, *,
+                  batch_size: int = 128, num_workers: int = 0, dtype: torch.dtype | None = None,
+                  run_dir: Path | None = None) -> TeacherEnsemble:
+    """Load, freeze and score the teachers of a run; fused with ``fusion_cfg``.
+
+    Validation accuracies are measured once and kept in ``run_dir/cache/teacher_val.json`` (keyed
+    by the teachers' checksums, normalisation and the validation records), so a resumed run reuses them.
+    """
+    if not cfgs:
+        raise UserError("this method needs teachers: add a `teachers:` list to the config")
+    teachers = [_load_one(c, i, list(data.classes), tuple(data.mean), tuple(data.std)) for i, c in enumerate(cfgs)]
+    for t in teachers:
+        t.to(device)
+    key = hashlib.sha256(json.dumps([[t.describe() for t in teachers], records_hash(data.val.records),
+                                     data.image_size]).encode()).hexdigest()
+    path = run_dir / "cache" / "teacher_val.json" if run_dir is not None else None
+    stored = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    if stored.get("key") == key:
+        acc = torch.tensor(stored["val_accuracy"])
+    else:
+        acc = measure_val_accuracy(teachers, data.val, device, batch_size, num_workers, dtype)
+        if path is not None:
+            atomic_write_json(path, {"key": key, "teachers": [t.describe() for t in teachers],
+                                     "val_accuracy": acc.tolist()})
+    return TeacherEnsemble(teachers, fusion_cfg, acc).to(device)

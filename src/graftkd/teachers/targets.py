@@ -1,0 +1,96 @@
+"""Where a distillation method gets its target: the live ensemble or the soft-target cache.
+
+Also the teachers' part of ``metrics.json``: each teacher's and the fused ensemble's metrics.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from graftkd.config import ExperimentConfig
+from graftkd.engine.distributed import DistContext
+from graftkd.errors import UserError
+from graftkd.teachers.cache import SoftTargetCache, cache_manifest
+from graftkd.teachers.ensemble import TeacherEnsemble, load_teachers
+
+#: data config fields that do not change any training view (loader and storage settings)
+_VIEW_NEUTRAL = ("batch_size", "eval_batch_size", "num_workers", "decoded_cache", "on_bad_file")
+
+Score = Callable[[Callable[[torch.Tensor], torch.Tensor], str], dict[str, Any]]
+
+
+class TeacherTargets(nn.Module):
+    """Fused soft targets for a training batch: looked up by (index, view) in the cache when there
+    is one, else computed by the frozen ensemble. Both give ``sum_k w_k softmax(z_k / T)``."""
+
+    def __init__(self, ensemble: TeacherEnsemble, temperature: float, standardize: bool,
+                 cache: SoftTargetCache | None = None) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+        self.temperature, self.standardize = temperature, standardize
+        self.cache = cache
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache.lookup(batch["index"], batch["view"])
+        return self.ensemble.targets(batch["image"], batch["label"], self.temperature, self.standardize)
+
+    def train(self, mode: bool = True) -> "TeacherTargets":
+        return super().train(False)
+
+
+def build_teacher_targets(cfg: ExperimentConfig, data: Any, run_dir: Path | None, device: torch.device,
+                          dist: DistContext, temperature: float, standardize: bool) -> TeacherTargets:
+    """Load the run's teachers and, with ``teacher_cache.enabled``, the soft-target cache.
+
+    The cache switches the training set to ``teacher_cache.views`` replayable views per image.
+    Rank 0 builds or reuses ``run_dir/cache``; other ranks wait and read it.
+    """
+    from graftkd.engine.trainer import autocast_dtype  # the engine imports the methods
+
+    dtype = autocast_dtype(cfg.trainer, device)
+    ensemble = load_teachers(cfg.teachers, data, device, cfg.fusion, batch_size=cfg.data.eval_batch_size,
+                             num_workers=cfg.data.num_workers, dtype=dtype,
+                             run_dir=run_dir if dist.is_main else None)
+    cache = None
+    cc = cfg.teacher_cache
+    if cc.enabled:
+        data.train.views = cc.views
+        data_config = cfg.data.model_dump(mode="json", exclude=set(_VIEW_NEUTRAL))
+        manifest = cache_manifest(ensemble, data.train, views=cc.views, temperature=temperature,
+                                  standardize=standardize, topk=cc.topk, data_config=data_config,
+                                  data_seed=getattr(data.train, "seed", cfg.seed), image_size=data.image_size,
+                                  classes=list(data.classes))
+        folder = run_dir / "cache" if run_dir is not None else None
+        if dist.is_main:
+            cache = SoftTargetCache.load_or_build(folder, ensemble, data.train, manifest, device,
+                                                  cfg.data.eval_batch_size, cfg.data.num_workers, dtype)
+        dist.barrier()
+        if not dist.is_main:
+            cache = SoftTargetCache.load(folder, manifest) if folder is not None else None
+            if cache is None:
+                raise UserError(f"rank {dist.rank}: the soft-target cache in {folder} is missing or stale")
+    return TeacherTargets(ensemble, temperature, standardize, cache).to(device)
+
+
+def teachers_report(ensemble: TeacherEnsemble, score: Score) -> dict[str, Any]:
+    """``teachers`` (each one on val and test, with its fusion accuracy and weight), ``ensemble``
+    (the fused classifier on val and test) and ``fusion`` entries of metrics.json."""
+    from graftkd.models import count_params
+
+    weights = ensemble.global_weights()
+    teachers = []
+    for k, t in enumerate(ensemble.teachers):
+        teachers.append({"name": t.name, "checkpoint": t.source,
+                         "val_accuracy_used_for_fusion": float(ensemble.val_acc[k]),
+                         "weight": weights[k] if weights is not None else None,
+                         "params": count_params(t.model), "val": score(t, "val"), "test": score(t, "test")})
+    return {
+        "teachers": teachers,
+        "ensemble": {"fusion": ensemble.eval_strategy(), "val": score(ensemble.predict_logits, "val"),
+                     "test": score(ensemble.predict_logits, "test")},
+        "fusion": {"strategy": ensemble.fusion.strategy, "tau": ensemble.fusion.tau, "weights": weights},
+    }
