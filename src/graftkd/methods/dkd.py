@@ -1,0 +1,47 @@
+"""Decoupled KD (methods.md I.1, II.4.2) to one teacher or a fused multi-teacher target.
+
+``loss = ce_weight * CE(s, y) + min(epoch / warmup, 1) * mean_b (alpha TCKD + beta NCKD)``, epoch
+counted from 1 as in mdistiller. The teacher side goes through the probability path: the target
+``p = sum_k w_k softmax(Z?(z_k) / T)`` gives ``b_T = [p_y, 1 - p_y]`` and the non-target
+distribution ``p`` renormalised without class y (for one teacher this equals mdistiller's
+logit form exactly).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftkd.config import DKDMethod, ExperimentConfig
+from graftkd.losses.dkd import DKDLoss
+from graftkd.methods.base import METHODS, StepContext
+from graftkd.methods.kd import TeacherStudent, agreement
+from graftkd.teachers.targets import TeacherTargets, build_teacher_targets
+
+
+class DKD(TeacherStudent):
+    def __init__(self, cfg: ExperimentConfig, model: nn.Module, targets: TeacherTargets) -> None:
+        super().__init__(cfg, model, targets)
+        m = cfg.method
+        assert isinstance(m, DKDMethod)
+        self.m = m
+        self.dkd = DKDLoss(m.alpha, m.beta, m.temperature, m.warmup_epochs, m.standardize)
+
+    def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        logits = self.model(batch["image"])
+        target = self.targets(batch)
+        y = batch["label"]
+        ce = F.cross_entropy(logits.float(), y)
+        dkd = self.dkd(logits, y, ctx.epoch + 1, teacher_probs=target)
+        return {"loss": self.m.ce_weight * ce + dkd, "ce": ce, "dkd": dkd,
+                "acc": (logits.argmax(1) == y).float().mean(), "agreement": agreement(logits, target)}
+
+
+@METHODS.register("dkd")
+def build_dkd(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: Any, device: torch.device, dist: Any,
+              **_: Any) -> DKD:
+    assert isinstance(cfg.method, DKDMethod)
+    targets = build_teacher_targets(cfg, data, run_dir, device, dist, cfg.method.temperature, cfg.method.standardize)
+    return DKD(cfg, build_student(), targets)
