@@ -29,8 +29,9 @@ def _log_probs(p: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _phi(x: Tensor, h: float) -> Tensor:
-    """``expm1(h x) / h``, continuous at h = 0 where it is ``x``."""
-    return x if h == 0 else torch.expm1(h * x) / h
+    """``expm1(h x) / h``, continuous at h = 0 where it is ``x``; for |h| < 1e-8 the Taylor form
+    ``x (1 + h x / 2)`` (h would underflow in float32)."""
+    return x * (1 + h * x / 2) if abs(h) < 1e-8 else torch.expm1(h * x) / h
 
 
 @LOSSES.register("kl")
@@ -70,8 +71,9 @@ def alpha_divergence(
         term = (qr * (_phi(x, a - 1) - 1) + q) / a
     else:
         term = (q * _phi(x, a) - qr + q) / (a - 1)
-    f0 = 1.0 / a if a > 0 else math.inf  # f_a(r) as r -> 0 (p_i = 0 without clipping)
-    return torch.where(finite, term, q * f0).sum(-1)
+    # p_i = 0 without clipping: q_i f_a(0) = q_i / a for a > 0, else +inf (kept out of autograd)
+    zero = q / a if a > 0 else torch.full_like(q, math.inf)
+    return torch.where(finite, term, zero).sum(-1)
 
 
 @LOSSES.register("adaptive_alpha")

@@ -1,0 +1,37 @@
+"""Independent float64 NumPy references, written out from the formulas in methods.md."""
+import numpy as np
+
+S = np.array([[2.0, -1.0, 0.5, 0.0, 1.5], [-0.3, 0.8, 2.2, -1.7, 0.1], [1.0, 1.0, -2.0, 3.0, 0.4]])
+T_LOGITS = np.array([[3.0, -2.0, 1.0, 0.5, 0.0], [0.2, 0.1, 4.0, -1.0, -0.5], [-1.0, 2.0, 0.0, 2.5, 1.0]])
+Y = np.array([0, 2, 3])
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def zscore(v, eps=1e-7):
+    mean = v.mean(axis=1, keepdims=True)
+    std = np.sqrt(((v - mean) ** 2).sum(axis=1, keepdims=True) / (v.shape[1] - 1))
+    return (v - mean) / (std + eps)
+
+
+def kl_rows(p, q):
+    out = np.zeros(p.shape[0])
+    for b in range(p.shape[0]):
+        for i in range(p.shape[1]):
+            if p[b, i] > 0:
+                out[b] += p[b, i] * (np.log(p[b, i]) - np.log(q[b, i]))
+    return out
+
+
+def alpha_rows(p, q, a):
+    """1/(a(a-1)) sum q [(p/q)^a - 1], literal."""
+    return ((q * ((p / q) ** a - 1)).sum(axis=1)) / (a * (a - 1))
+
+
+def alpha_beta_rows(p, q, a, b):
+    """-(1/(a b)) sum [p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)], literal."""
+    lam = a + b
+    return -(p**a * q**b - a / lam * p**lam - b / lam * q**lam).sum(axis=1) / (a * b)
