@@ -30,36 +30,34 @@ def group_strata(records: Sequence[Record]) -> dict[str, str]:
 
 
 def _shuffled_strata(groups: Sequence[str], strata: dict[str, str], rng: np.random.Generator) -> list[list[str]]:
+    """Groups by stratum, shuffled within each stratum, strata in a seeded random order."""
     by: dict[str, list[str]] = defaultdict(list)
     for g in sorted(set(groups)):
         by[strata[g]].append(g)
-    return [[members[j] for j in rng.permutation(len(members))] for _, members in sorted(by.items())]
+    blocks = [[members[j] for j in rng.permutation(len(members))] for _, members in sorted(by.items())]
+    return [blocks[j] for j in rng.permutation(len(blocks))]
 
 
-def fraction_counts(n: int, fractions: Sequence[float]) -> list[int]:
-    """Groups per part for one stratum of ``n`` groups: rounded, every part with a positive
-    fraction gets one group while the first (train) part keeps at least one."""
-    counts = [int(round(n * f)) for f in fractions[1:]]
-    for j, f in enumerate(fractions[1:]):
-        if f > 0 and counts[j] == 0 and n - sum(counts) >= 2:
-            counts[j] = 1
-    while sum(counts) > n - 1 and any(counts):
-        j = max(range(len(counts)), key=lambda k: counts[k])
-        counts[j] -= 1
-    return [n - sum(counts), *counts]
+def deal(n: int, fractions: Sequence[float]) -> list[int]:
+    """Part index for positions 0..n-1 such that every prefix is as close as possible to the fractions
+    (largest deficit first; position 0 always goes to part 0, train). Dealt over groups ordered by stratum, it gives exact overall proportions
+    and per-stratum proportions within one group, even when strata hold only one or two groups."""
+    target = np.asarray(fractions, dtype=float) / float(sum(fractions))
+    counts = np.zeros(len(target))
+    out = []
+    for t in range(n):
+        j = int(np.argmax(target * (t + 1) - counts)) if t else 0
+        counts[j] += 1
+        out.append(j)
+    return out
 
 
 def split_fraction(groups: Sequence[str], strata: dict[str, str], fractions: Sequence[float], names: Sequence[str],
                    seed: int) -> dict[str, str]:
     """Stratified, seeded group split by fractions -> {group: name}."""
     rng = np.random.default_rng(seed)
-    out: dict[str, str] = {}
-    for members in _shuffled_strata(groups, strata, rng):
-        start = 0
-        for name, count in zip(names, fraction_counts(len(members), fractions)):
-            out.update({g: name for g in members[start:start + count]})
-            start += count
-    return out
+    ordered = [g for block in _shuffled_strata(groups, strata, rng) for g in block]
+    return {g: names[j] for g, j in zip(ordered, deal(len(ordered), fractions))}
 
 
 def split_kfold(groups: Sequence[str], strata: dict[str, str], k: int, seed: int) -> dict[str, int]:
@@ -197,6 +195,8 @@ def assign_splits(records: Sequence[Record], cfg: SplitConfig, seed: int, root: 
     elif cfg.kind == "kfold":
         if cfg.fold >= cfg.k:
             raise UserError(f"split.fold={cfg.fold} must be < split.k={cfg.k}")
+        if len(strata) < cfg.k:
+            raise UserError(f"split.k={cfg.k} folds need at least {cfg.k} groups, found {len(strata)}")
         folds = split_kfold(groups, strata, cfg.k, seed)
         by_group = carve_val({g: "test" if f == cfg.fold else "train" for g, f in folds.items()}, strata,
                              cfg.val_fraction, seed)

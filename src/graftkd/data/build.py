@@ -1,0 +1,153 @@
+"""``build_data``: source -> records -> group split (written as splits.csv) -> few-shot -> datasets."""
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from graftkd.config import DataConfig
+from graftkd.data.breakhis import read_breakhis
+from graftkd.data.cifar import read_cifar
+from graftkd.data.datasets import ArrayDataset, FileDataset, probe_size
+from graftkd.data.sources import read_csv_manifest, read_folder
+from graftkd.data.splits import SPLITS, assign_splits, write_splits
+from graftkd.data.synthetic import ensure_tree, tree_key
+from graftkd.data.transforms import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN,
+                                     IMAGENET_STD, base_side, eval_transform, train_transform)
+from graftkd.data.types import DataBundle, Record
+from graftkd.errors import UserError
+
+
+def default_work_dir() -> Path:
+    """Shared cache folder when no run folder is given: ``$GRAFTKD_CACHE`` or ``~/.cache/graftkd``."""
+    env = os.environ.get("GRAFTKD_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "graftkd"
+
+
+def synthetic_root(cfg: DataConfig, work_dir: Path) -> Path:
+    """Where the synthetic tree lives: ``data.root`` when given, else ``<work_dir>/.synthetic/<hash>``."""
+    return Path(cfg.root) if cfg.root is not None else work_dir / ".synthetic" / tree_key(cfg.synthetic)
+
+
+def few_shot(records: Sequence[Record], shots: int | None, max_per_group: int | None, seed: int) -> tuple[list[int], dict]:
+    """Indices of a seeded few-shot subset: ``shots`` images per class, at most ``max_per_group`` per group.
+
+    Classes with fewer eligible images keep all of them (reported in ``short``).
+    """
+    if shots is None and max_per_group is None:
+        return list(range(len(records))), {}
+    rng = np.random.default_rng([seed, 0x5407])
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        by_class[r.label].append(i)
+    chosen: list[int] = []
+    per_class: dict[int, int] = {}
+    for label in sorted(by_class):
+        idx = by_class[label]
+        taken: Counter = Counter()
+        got = 0
+        for j in rng.permutation(len(idx)):
+            r = records[idx[j]]
+            if max_per_group is not None and taken[r.group] >= max_per_group:
+                continue
+            chosen.append(idx[j])
+            taken[r.group] += 1
+            got += 1
+            if shots is not None and got == shots:
+                break
+        per_class[label] = got
+    short = {lab: n for lab, n in per_class.items() if shots is not None and n < shots}
+    return sorted(chosen), {"shots": shots, "max_per_group": max_per_group, "seed": seed,
+                            "per_class": per_class, "short": short}
+
+
+def _preset_stats(cfg: DataConfig) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    mean, std = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}.get(
+        cfg.source, (IMAGENET_MEAN, IMAGENET_STD))
+    return tuple(cfg.mean or mean), tuple(cfg.std or std)  # type: ignore[return-value]
+
+
+def _counts(records: Sequence[Record], classes: list[str]) -> dict:
+    c = Counter(r.label for r in records)
+    return {"images": len(records), "groups": len({r.group for r in records}),
+            "per_class": {classes[k]: c.get(k, 0) for k in range(len(classes))}}
+
+
+def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_dir: Path | None = None) -> DataBundle:
+    """Read ``cfg.source``, split on groups, few-shot the training split, build the three datasets.
+
+    ``run_dir`` (when given) receives ``splits.csv``. Shared caches (the generated synthetic tree in
+    ``.synthetic/<hash>``, memory-mapped decoded images in ``.cache/decoded``) go to ``work_dir``,
+    by default the run folder's parent, else ``default_work_dir()``.
+    """
+    work = Path(work_dir) if work_dir is not None else (Path(run_dir).parent if run_dir is not None else default_work_dir())
+    info: dict = {"source": cfg.source}
+    array = None
+    sizes: dict[str, tuple[int, int]] = {}
+    root: Path | None = Path(cfg.root) if cfg.root is not None else None
+    if cfg.source in ("breakhis", "synthetic"):
+        if cfg.source == "synthetic":
+            root = ensure_tree(synthetic_root(cfg, work), cfg.synthetic)
+            info["synthetic"] = {"root": str(root), "key": tree_key(cfg.synthetic)}
+        if root is None:
+            raise UserError("data.source=breakhis needs data.root (an unpacked BreaKHis_v1 or a folder below it)")
+        records, report = read_breakhis(root, cfg.task, cfg.magnification, cfg.on_bad_file)
+        classes = report.pop("classes")
+    elif cfg.source in ("cifar10", "cifar100"):
+        array, records, classes = read_cifar(cfg.source, root)  # type: ignore[arg-type]
+        report = {}
+    elif cfg.source == "folder":
+        records, classes, report = read_folder(root, cfg.on_bad_file)  # type: ignore[arg-type]
+    else:
+        records, classes, report = read_csv_manifest(root, cfg.on_bad_file)  # type: ignore[arg-type]
+        root = root.parent if root is not None else None
+    info.update(report)
+    if array is None:  # header probe: cheap check of every file, and the sizes the decoded cache needs
+        bad = []
+        for r in records:
+            size = probe_size(r.path)  # type: ignore[arg-type]
+            if isinstance(size, str):
+                if cfg.on_bad_file == "error":
+                    raise UserError(f"cannot read image {r.path}: {size} (set data.on_bad_file=skip to leave it out)")
+                bad.append(f"{r.path}: {size}")
+            else:
+                sizes[r.path] = size  # type: ignore[index]
+        records = [r for r in records if r.path in sizes]
+        info["skipped_unreadable"] = len(bad)
+        if bad:
+            info["unreadable_examples"] = bad[:5]
+        if not records:
+            raise UserError(f"no readable images in {cfg.root}")
+    assign, split_desc = assign_splits(records, cfg.split, seed, root)
+    if run_dir is not None:
+        write_splits(Path(run_dir) / "splits.csv", records, assign, root)
+        split_desc["written"] = str(Path(run_dir) / "splits.csv")
+    parts = {s: [r for r, a in zip(records, assign) if a == s] for s in SPLITS}
+    if not parts["train"]:
+        raise UserError(f"the split left no training images ({len(records)} images, {split_desc})")
+    keep, shot_info = few_shot(parts["train"], cfg.shots, cfg.max_per_group, split_desc["seed"])
+    parts["train"] = [parts["train"][i] for i in keep]
+    mean, std = _preset_stats(cfg)
+    aug = train_transform(cfg.augment, cfg.image_size, mean, std)
+    ev = eval_transform(cfg.image_size, mean, std)
+    datasets = {}
+    for name, recs in parts.items():
+        augment = aug if name == "train" else None
+        if array is not None:
+            datasets[name] = ArrayDataset(recs, augment, ev, seed, array)
+        else:
+            datasets[name] = FileDataset(recs, augment, ev, seed, base_side(cfg.image_size),
+                                         sizes=[sizes[r.path] for r in recs],  # type: ignore[index]
+                                         cache=cfg.decoded_cache, cache_dir=work / ".cache" / "decoded")
+    info.update({
+        "root": str(cfg.root) if cfg.root is not None else info.get("synthetic", {}).get("root"),
+        "classes": classes, "task": cfg.task, "magnification": cfg.magnification,
+        "split": split_desc, "split_seed": split_desc["seed"], "fewshot": shot_info,
+        "counts": {s: _counts(parts[s], classes) for s in SPLITS},
+    })
+    if len({r.group for r in records}) < len(records):  # real groups (patients): list them per split
+        info["groups"] = {s: sorted({r.group for r in parts[s]}) for s in SPLITS}
+    return DataBundle(datasets["train"], datasets["val"], datasets["test"], classes, mean, std, cfg.image_size, info)

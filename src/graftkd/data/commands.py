@@ -1,0 +1,73 @@
+"""``graftkd data summary -c cfg.yaml [a.b=c ...]``: images and patients per class, subtype,
+magnification and split, as Markdown tables."""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from typing import Callable
+
+from graftkd.data.build import build_data
+from graftkd.data.splits import SPLITS
+from graftkd.data.types import DataBundle, Record
+
+
+def _table(title: str, rows: list[list[object]]) -> str:
+    header = [title, "images", "patients", *SPLITS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _rows(parts: dict[str, list[Record]], key: Callable[[Record], object]) -> list[list[object]]:
+    images: dict[object, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLITS, 0))
+    groups: dict[object, set[str]] = defaultdict(set)
+    for split, recs in parts.items():
+        for r in recs:
+            images[key(r)][split] += 1
+            groups[key(r)].add(r.group)
+    return [[k, sum(images[k].values()), len(groups[k]), *(images[k][s] for s in SPLITS)]
+            for k in sorted(images, key=str)]
+
+
+def summary_table(bundle: DataBundle) -> str:
+    """Markdown tables of a bundle: per class, per subtype and per magnification (when the records
+    carry them), and per split. Patients are the records' groups."""
+    parts = {"train": bundle.train.records, "val": bundle.val.records, "test": bundle.test.records}
+    info = bundle.info
+    out = [f"source: {info['source']}  root: {info.get('root')}  task: {info.get('task')}  "
+           f"classes: {len(bundle.classes)}  split: {info['split']['kind']} (seed {info['split_seed']})"]
+    if info.get("fewshot"):
+        out.append(f"few-shot: {info['fewshot']['shots']} per class, max {info['fewshot']['max_per_group']} per patient")
+    for key in ("skipped_names", "skipped_unreadable", "missing_files"):
+        if info.get(key):
+            out.append(f"{key.replace('_', ' ')}: {info[key]}")
+    out += ["", _table("class", _rows(parts, lambda r: bundle.classes[r.label]))]
+    first = next((r for recs in parts.values() for r in recs), None)
+    if first is not None and "subtype" in first.meta:
+        out += ["", _table("subtype", _rows(parts, lambda r: r.meta["subtype"]))]
+    if first is not None and "magnification" in first.meta:
+        rows = _rows(parts, lambda r: r.meta["magnification"])
+        rows.sort(key=lambda row: int(row[0]))  # type: ignore[call-overload]
+        out += ["", _table("magnification", [[f"{row[0]}X", *row[1:]] for row in rows])]
+    split_rows = [[s, len(parts[s]), len({r.group for r in parts[s]}), *(len(parts[s]) if t == s else 0 for t in SPLITS)]
+                  for s in SPLITS]
+    out += ["", _table("split", split_rows)]
+    return "\n".join(out)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``graftkd data``."""
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    s = sub.add_parser("summary", help="images and patients per class, subtype, magnification and split")
+    s.add_argument("-c", "--config", default=None, help="experiment YAML (default: built-in defaults)")
+    s.add_argument("overrides", nargs="*", default=[], help="config overrides like data.magnification=40")
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """Run ``graftkd data <action>``."""
+    from graftkd.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    bundle = build_data(cfg.data, cfg.seed, None, work_dir=cfg.output.dir)
+    print(summary_table(bundle))
+    return 0
