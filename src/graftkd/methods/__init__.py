@@ -4,6 +4,7 @@ from graftkd.methods import atf  # noqa: F401
 from graftkd.methods import kd  # noqa: F401
 from graftkd.methods import dkd  # noqa: F401
 from graftkd.methods import dml  # noqa: F401
+from graftkd.methods import graft  # noqa: F401
 from graftkd.methods.base import METHODS, Method, OptimSpec, Phase, StepContext
 
 __all__ = ["METHODS", "Method", "OptimSpec", "Phase", "StepContext"]

@@ -173,8 +173,9 @@ def fold_into_linear(conv: nn.Conv2d, linear: nn.Linear) -> None:
         raise UserError("cannot fold a bridge into a Linear without bias")
     w, b = conv.weight.double().flatten(1), conv.bias.double()
     a, c = linear.weight.double(), linear.bias.double()
-    linear.weight.copy_(a @ w)
-    linear.bias.copy_(a @ b + c)
+    weight, bias = a @ w, a @ b + c  # both before writing: .double() aliases a float64 layer
+    linear.weight.copy_(weight)
+    linear.bias.copy_(bias)
 
 
 # ---------------------------------------------------------------------------- exported student

@@ -1,0 +1,343 @@
+"""Dual-stage progressive network grafting (NetGraft) with multi-teacher soft targets (methods.md I.3).
+
+The host (one frozen teacher, by default the best on validation) is viewed as ``stem -> stages ->
+head``; the student must have as many stages with the same boundary spatial sizes. Units are the
+student's grafted stages (after ``shared_stages``) and finally its head. Where channel widths
+differ, a 1x1 bridge ``t2s_u`` feeds unit u from the host and ``s2t_u`` feeds the host from it.
+
+- Stage 1, one phase per unit u: hybrid = host with unit u replaced by ``t2s_u -> S_u -> s2t_u``;
+  only that unit and its bridges train; the weights of the last epoch are kept.
+- Stage 2, one phase per i = 2..U: units 1..i chained in place of the host's; all of them train;
+  the last phase (whole student) keeps its best-validation epoch.
+- Loss: ``host`` NetGraft normalised-logit MSE to the host logits; ``fused`` T^2 KL to the fused
+  multi-teacher target; ``label`` CE; plus ``ce_weight`` * CE.
+
+The student's stem (and shared stages) is the host's: copied at set-up, never trained, so the
+hybrid and the exported student see the same features. ``student()`` folds the bridges
+(``graftkd.models.staged``): the exported network is the plain student architecture when every
+folded bridge pair was absorbed into the head's Linear (or no bridge was needed), else a
+``GraftedStudent`` (``graft:<student>``) with square 1x1 junctions between stages.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from graftkd.config import ExperimentConfig, GraftMethod, GraftStageOptim, OptimizerConfig, ScheduleConfig
+from graftkd.errors import UserError
+from graftkd.losses import kd_loss_from_probs, normalized_logit_mse
+from graftkd.methods.base import METHODS, Method, OptimSpec, Phase, StepContext
+from graftkd.models import MODELS, count_params
+from graftkd.models.staged import (
+    GRAFT_PREFIX,
+    GraftedStudent,
+    StagedModel,
+    check_compatible,
+    compose_1x1,
+    fold_into_linear,
+    make_bridge,
+)
+from graftkd.teachers.targets import Score, TeacherTargets, build_teacher_targets, teachers_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """What a phase grafts: units ``lo <= u < hi`` are in the hybrid, ``train`` are optimised."""
+
+    lo: int
+    hi: int
+    train: tuple[int, ...]
+
+
+def shot_scaling(shots: int | None, enabled: bool, batch_size: int) -> tuple[float, int]:
+    """NetGraft's N-shot rule: ``(N/10, int(batch_size * N/10))`` (batch at least 1); ``(1, batch_size)``
+    without few-shot data or when disabled."""
+    if not enabled or shots is None:
+        return 1.0, batch_size
+    factor = shots / 10
+    return factor, max(1, int(batch_size * factor))
+
+
+def _per_unit(values: list, i: int) -> Any:
+    return values[min(i, len(values) - 1)]
+
+
+class Graft(Method):
+    """Grafts ``student``'s units into the host ``targets.ensemble.teachers[host_index]``."""
+
+    def __init__(self, opts: GraftMethod, targets: TeacherTargets, host_index: int, student: nn.Module, *,
+                 student_name: str, input_size: int, batch_size: int, shots: int | None) -> None:
+        super().__init__()
+        self.opts = opts
+        self.targets = targets
+        self.host_index = host_index
+        self.net = student
+        self.input_size = input_size
+        if targets.temperature != opts.temperature:
+            raise ValueError(f"targets built at T = {targets.temperature}, method.temperature = {opts.temperature}")
+        host_teacher = targets.ensemble.teachers[host_index]
+        if host_teacher.renormalise:
+            raise UserError(f"graft host teacher {host_index} ({host_teacher.name}) expects inputs normalised with "
+                            f"mean {host_teacher.mean} std {host_teacher.std}, not the data's; set data.mean/data.std "
+                            f"to those values, since the grafted student keeps the host's stem")
+        self.H = StagedModel(host_teacher.model, f"host teacher {host_index} ({host_teacher.name})")
+        self.S = StagedModel(student, f"student ({student_name})")
+        shapes = check_compatible(self.H, self.S, input_size)
+        n, k = self.H.n_stages, opts.shared_stages
+        if k > n:
+            raise UserError(f"method.shared_stages = {k} but the host has only {n} stages")
+        self.k, self.n_units = k, n - k + 1
+        self.shared_modules = self._copy_stem_region()
+        self.t2s, self.s2t = nn.ModuleDict(), nn.ModuleDict()
+        for u in range(self.n_units):
+            b_in = k + u  # boundary feeding unit u: 0 = stem output, j = output of stage j-1
+            if shapes[b_in][0][0] != shapes[b_in][1][0]:
+                self.t2s[str(u)] = make_bridge(shapes[b_in][0][0], shapes[b_in][1][0])
+            if u < self.n_units - 1 and shapes[b_in + 1][0][0] != shapes[b_in + 1][1][0]:
+                self.s2t[str(u)] = make_bridge(shapes[b_in + 1][1][0], shapes[b_in + 1][0][0])
+        for u in range(self.n_units - 1):
+            if (str(u) in self.s2t) != (str(u + 1) in self.t2s):
+                raise RuntimeError(f"unpaired bridges after unit {u}")  # widths chain in both networks
+        self.copied = self._init_from_host() if opts.init_from_teacher else 0
+        self.junction_stages = [k + u for u in range(self.n_units - 1) if str(u) in self.s2t
+                                and not (u + 1 == self.n_units - 1 and self.S.head_linear is not None)]
+        base = student_name.removeprefix("timm:")
+        self.student_arch = GRAFT_PREFIX + base if self.junction_stages else student_name
+        if self.junction_stages and self.student_arch not in MODELS:
+            raise UserError(f"student '{student_name}' would need 1x1 junctions after stages {self.junction_stages} "
+                            f"(its widths differ from the host's) and cannot be exported as '{self.student_arch}'; "
+                            f"graftable students with junctions: our CIFAR family and "
+                            f"{', '.join(n.removeprefix(GRAFT_PREFIX) for n in MODELS.names(GRAFT_PREFIX + 'resnet[0-9]*'))}")
+        targets.requires_grad_(False)
+        for m in self.shared_modules:
+            m.requires_grad_(False)
+        self.frozen = [targets, *self.shared_modules]
+        self.factor, self.batch_size = shot_scaling(shots, opts.scale_with_shots, batch_size)
+        self._phases, self._plan = self._build_phases()
+        self.active = UnitPlan(0, self.n_units, ())
+        log.info("graft: %s", self.describe())
+
+    # ------------------------------------------------------------------------------------ set-up
+    def _stem_region(self, view: StagedModel) -> list[tuple[str, nn.Module]]:
+        return list(view.named_stem()) + [(view.stage_names[j], view.stage_module(j)) for j in range(self.k)]
+
+    @torch.no_grad()
+    def _copy_stem_region(self) -> list[nn.Module]:
+        """Copy the host's stem and shared stages into the student; their shapes must match."""
+        host, student = dict(self._stem_region(self.H)), self._stem_region(self.S)
+        for name, module in student:
+            src = host.get(name)
+            ours, theirs = module.state_dict(), src.state_dict() if src is not None else {}
+            bad = [key for key in set(ours) | set(theirs)
+                   if key not in ours or key not in theirs or ours[key].shape != theirs[key].shape]
+            if bad:
+                key = sorted(bad)[0]
+                raise UserError(
+                    f"the grafted student keeps the host's stem and shared stages, so '{name}' must have the same "
+                    f"tensors in both: '{name}.{key}' is {tuple(theirs[key].shape) if key in theirs else 'missing'} "
+                    f"in {self.H.label} and {tuple(ours[key].shape) if key in ours else 'missing'} in {self.S.label}")
+            module.load_state_dict(theirs)
+        return [m for _, m in student]
+
+    def _unit_pairs(self, u: int) -> list[tuple[str, nn.Module, nn.Module]]:
+        """(name, student module, host module) of unit u."""
+        if u < self.n_units - 1:
+            j = self.k + u
+            return [(self.S.stage_names[j], self.S.stage_module(j), self.H.stage_module(j))]
+        host = dict(self.H.named_head())
+        return [(name, m, host[name]) for name, m in self.S.named_head() if name in host]
+
+    @torch.no_grad()
+    def _init_from_host(self) -> int:
+        """Copy host tensors into the grafted units where name and shape match; returns how many."""
+        copied = 0
+        for u in range(self.n_units):
+            for _, s_mod, h_mod in self._unit_pairs(u):
+                theirs = h_mod.state_dict()
+                for key, value in s_mod.state_dict().items():
+                    if key in theirs and theirs[key].shape == value.shape:
+                        value.copy_(theirs[key])
+                        copied += 1
+        return copied
+
+    def unit_name(self, u: int) -> str:
+        return self.S.stage_names[self.k + u] if u < self.n_units - 1 else "head"
+
+    def unit_modules(self, u: int) -> list[nn.Module]:
+        """The student modules of unit u (without bridges)."""
+        if u < self.n_units - 1:
+            return [self.S.stage_module(self.k + u)]
+        return [m for _, m in self.S.named_head()]
+
+    def unit_bridges(self, u: int) -> list[nn.Module]:
+        return [d[str(u)] for d in (self.t2s, self.s2t) if str(u) in d]
+
+    def _stage_optim(self, stage: GraftStageOptim, index: int, units: tuple[int, ...]) -> OptimSpec:
+        scale = self.factor if stage.scale_lr_with_shots else 1.0
+        lr = _per_unit(stage.lr, index) * scale
+        modules = [p for u in units for m in self.unit_modules(u) for p in m.parameters()]
+        bridges = [p for u in units for m in self.unit_bridges(u) for p in m.parameters()]
+        groups = [{"params": modules}] + ([{"params": bridges, "lr_scale": stage.bridge_lr * scale / lr}] if bridges else [])
+        return OptimSpec(params=groups, optimizer=OptimizerConfig(name="adam", lr=lr, betas=stage.betas,
+                                                                  weight_decay=stage.weight_decay),
+                         schedule=ScheduleConfig(name="constant"))
+
+    def _build_phases(self) -> tuple[list[Phase], dict[str, UnitPlan]]:
+        s1, s2 = self.opts.stage1, self.opts.stage2
+        phases, plan = [], {}
+        for u in range(self.n_units):
+            name = f"stage1_{self.unit_name(u)}"
+            plan[name] = UnitPlan(u, u + 1, (u,))
+            phases.append(Phase(name, _per_unit(s1.epochs, u), [self._stage_optim(s1, u, (u,))], final=False,
+                                select_best=False, batch_size=self.batch_size))
+        for i in range(2, self.n_units + 1):
+            name = f"stage2_to_{self.unit_name(i - 1)}"
+            units = tuple(range(i))
+            plan[name] = UnitPlan(0, i, units)
+            phases.append(Phase(name, _per_unit(s2.epochs, i - 2), [self._stage_optim(s2, i - 2, units)],
+                                final=False, select_best=False, batch_size=self.batch_size))
+        phases[-1].final = phases[-1].select_best = True
+        return phases, plan
+
+    # ------------------------------------------------------------------------------------ method
+    def phases(self) -> list[Phase]:
+        return self._phases
+
+    def start_phase(self, phase: Phase) -> None:
+        self.active = self._plan[phase.name]
+        for u in range(self.n_units):
+            on = u in self.active.train
+            for m in self.unit_modules(u) + self.unit_bridges(u):
+                m.requires_grad_(on)
+
+    def _unit(self, u: int, h: Tensor) -> Tensor:
+        if str(u) in self.t2s:
+            h = self.t2s[str(u)](h)
+        if u == self.n_units - 1:
+            return self.S.head(h)
+        h = self.S.stage(self.k + u, h)
+        return self.s2t[str(u)](h) if str(u) in self.s2t else h
+
+    def _host_from(self, u: int, h: Tensor) -> Tensor:
+        """The host's units u.. on h."""
+        for v in range(u, self.n_units - 1):
+            h = self.H.stage(self.k + v, h)
+        return self.H.head(h)
+
+    def _prefix(self, x: Tensor) -> Tensor:
+        """Host stem and stages before the first grafted unit of the phase (nothing there trains)."""
+        with torch.no_grad():
+            h = self.H.stem(x)
+            for j in range(self.k + self.active.lo):
+                h = self.H.stage(j, h)
+        return h
+
+    def _hybrid_from(self, h: Tensor) -> Tensor:
+        for u in range(self.active.lo, self.active.hi):
+            h = self._unit(u, h)
+        return h if self.active.hi == self.n_units else self._host_from(self.active.hi, h)
+
+    def hybrid(self, x: Tensor) -> Tensor:
+        """Logits of the current hybrid (the whole student chain outside of a phase's partial graft)."""
+        return self._hybrid_from(self._prefix(x))
+
+    def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tensor]:
+        x, y = batch["image"], batch["label"]
+        h = self._prefix(x)
+        s = self._hybrid_from(h).float()
+        out: dict[str, Tensor] = {}
+        target = self.opts.target
+        if target == "host":
+            with torch.no_grad():
+                z = self._host_from(self.active.lo, h).float()
+            out["nlmse"] = loss = normalized_logit_mse(s, z)
+        elif target == "fused":
+            out["kd"] = loss = kd_loss_from_probs(s, self.targets(batch), self.opts.temperature)
+        else:
+            out["ce"] = loss = F.cross_entropy(s, y)
+        if target != "label" and self.opts.ce_weight > 0:
+            out["ce"] = F.cross_entropy(s, y)
+            loss = loss + self.opts.ce_weight * out["ce"]
+        out["loss"] = loss
+        out["acc"] = (s.argmax(1) == y).float().mean()
+        return out
+
+    def eval_logits(self, images: Tensor) -> Tensor:
+        return self.hybrid(images)
+
+    # ------------------------------------------------------------------------------------ export
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        """The plain student: bridge pairs composed into one 1x1 conv, folded into the head's Linear
+        where exact, else kept as a junction of a ``GraftedStudent``."""
+        net = copy.deepcopy(self.net).eval()
+        view = StagedModel(net, self.S.label)
+        junctions: dict[int, nn.Conv2d] = {}
+        for u in range(self.n_units - 1):
+            if str(u) not in self.s2t:
+                continue
+            conv = compose_1x1(self.s2t[str(u)], self.t2s[str(u + 1)])
+            if self.k + u in self.junction_stages:
+                junctions[self.k + u] = conv
+            else:
+                fold_into_linear(conv, view.head_linear_module())
+        if not junctions:
+            return net
+        p = next(net.parameters())
+        grafted = GraftedStudent(net, self.input_size).to(device=p.device, dtype=p.dtype)
+        for j, conv in junctions.items():
+            grafted.junctions[str(j)].load_state_dict(conv.state_dict())
+        return grafted.eval()
+
+    def student(self) -> nn.Module:
+        return self.fold()
+
+    def _hybrid_modules(self) -> Iterator[nn.Module]:
+        yield from (m for _, m in self._stem_region(self.H))
+        for u in range(self.n_units):
+            yield from self.unit_modules(u) + self.unit_bridges(u)
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters of the host teacher, the full hybrid chain (with bridges) and the folded student."""
+        hybrid = sum(p.numel() for m in self._hybrid_modules() for p in m.parameters())
+        return {"teacher": count_params(self.H.model), "hybrid": hybrid, "student": count_params(self.fold())}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "host": {"index": self.host_index, "name": self.targets.ensemble.teachers[self.host_index].name},
+            "target": self.opts.target, "units": [self.unit_name(u) for u in range(self.n_units)],
+            "shared_stages": list(self.H.stage_names[: self.k]),
+            "bridges": {f"{kind}_{self.unit_name(int(u))}": [c.in_channels, c.out_channels]
+                        for kind, d in (("t2s", self.t2s), ("s2t", self.s2t)) for u, c in d.items()},
+            "junctions_after": [self.S.stage_names[j] for j in self.junction_stages],
+            "exported_arch": self.student_arch, "tensors_copied_from_host": self.copied,
+            "shot_factor": self.factor, "batch_size": self.batch_size, "params": self.param_counts(),
+        }
+
+    def final_metrics(self, score: Score) -> dict[str, Any]:
+        report = teachers_report(self.targets.ensemble, score)
+        report["graft"] = self.describe()
+        report["params"] = report["graft"]["params"]
+        return report
+
+
+@METHODS.register("graft")
+def build_graft(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: Any, device: torch.device,
+                dist: Any, **_: Any) -> Graft:
+    opts = cfg.method
+    assert isinstance(opts, GraftMethod)
+    targets = build_teacher_targets(cfg, data, run_dir, device, dist, opts.temperature, False)
+    k = len(targets.ensemble)
+    host = int(targets.ensemble.val_acc.argmax()) if opts.host is None else opts.host
+    if host >= k:
+        raise UserError(f"method.host = {host} but there are only {k} teachers")
+    return Graft(opts, targets, host, build_student().to(device), student_name=cfg.model.name,
+                 input_size=data.image_size, batch_size=cfg.data.batch_size, shots=cfg.data.shots)

@@ -1,0 +1,181 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from graftkd.config import FusionConfig, GraftMethod
+from graftkd.engine.trainer import build_optimizer
+from graftkd.errors import UserError
+from graftkd.methods.base import StepContext
+from graftkd.methods.graft import Graft, shot_scaling
+from graftkd.models import MODELS, create_model
+from graftkd.models.staged import GraftedStudent
+from graftkd.teachers.ensemble import Teacher, TeacherEnsemble
+from graftkd.teachers.targets import TeacherTargets
+
+STATS = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def targets_of(*models: nn.Module, T: float = 4.0) -> TeacherTargets:
+    teachers = [Teacher(m, f"t{i}", "test", *STATS, *STATS) for i, m in enumerate(models)]
+    return TeacherTargets(TeacherEnsemble(teachers, FusionConfig(strategy="mean"), torch.tensor([0.5] * len(models))),
+                          T, False)
+
+
+def make(host: str, student: str, size: int = 16, shots: int | None = None, **opts) -> Graft:
+    h, s = MODELS.get(host)(num_classes=3), MODELS.get(student)(num_classes=3)
+    return Graft(GraftMethod(**opts), targets_of(h, T=opts.get("temperature", 4.0)), 0, s, student_name=student, input_size=size,
+                 batch_size=64, shots=shots)
+
+
+def randomise(module: nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+        for m in module.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+
+
+def step(method: Graft, x: torch.Tensor, y: torch.Tensor) -> dict:
+    phase = method.phases()[0]
+    return method.training_step({"image": x, "label": y, "index": torch.arange(len(y)), "view": torch.zeros_like(y)},
+                                StepContext(phase, 0, 0, 0, 1))
+
+
+def test_identical_student_makes_every_hybrid_equal_the_host():
+    m = make("resnet8", "resnet8")
+    randomise(m.H.model)
+    m._copy_stem_region(), m._init_from_host()
+    assert not m.t2s and not m.s2t and m.copied == len(m.net.state_dict()) - len(m.net.conv1.state_dict()) - 5
+    m.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = m.H.model(x)
+        for phase in m.phases():
+            m.start_phase(phase)
+            assert torch.equal(m.eval_logits(x), ref), phase.name
+    assert m.student_arch == "resnet8" and type(m.student()) is type(m.net)
+
+
+def test_phases_units_lrs_and_nshot_rule():
+    assert shot_scaling(1, True, 64) == (0.1, 6)
+    assert shot_scaling(5, True, 64) == (0.5, 32)
+    assert shot_scaling(20, True, 64) == (2.0, 128)
+    assert shot_scaling(None, True, 64) == (1.0, 64)
+    assert shot_scaling(5, False, 64) == (1.0, 64)
+    m = make("wrn_16_2", "wrn_40_1", shots=5)
+    ph = m.phases()
+    assert [(p.name, p.epochs, p.batch_size, p.select_best, p.final) for p in ph] == [
+        ("stage1_block1", 100, 32, False, False), ("stage1_block2", 60, 32, False, False),
+        ("stage1_block3", 60, 32, False, False), ("stage1_head", 60, 32, False, False),
+        ("stage2_to_block2", 100, 32, False, False), ("stage2_to_block3", 100, 32, False, False),
+        ("stage2_to_head", 100, 32, True, True)]
+    s1, s2 = ph[1].optimizers[0], ph[-1].optimizers[0]
+    assert s1.optimizer.name == "adam" and s1.optimizer.lr == pytest.approx(2.5e-4 * 0.5)
+    assert s1.params[1]["lr_scale"] == pytest.approx(10.0)  # bridge lr 2.5e-3 x 0.5
+    assert s2.optimizer.lr == pytest.approx(1e-4) and s2.params[1]["lr_scale"] == pytest.approx(1.0)
+    assert {k: [c.in_channels, c.out_channels] for k, c in m.t2s.items()} == {"1": [32, 16], "2": [64, 32], "3": [128, 64]}
+    assert {k: [c.in_channels, c.out_channels] for k, c in m.s2t.items()} == {"0": [16, 32], "1": [32, 64], "2": [64, 128]}
+
+
+@pytest.mark.parametrize("phase_index,trained", [(1, {"net.block2", "t2s.1", "s2t.1"}),
+                                                 (3, {"net.bn1", "net.fc", "t2s.3"}),
+                                                 (5, {"net.block1", "net.block2", "net.block3", "t2s.1", "t2s.2",
+                                                      "s2t.0", "s2t.1", "s2t.2"})])
+def test_phase_trains_only_its_units(phase_index, trained):
+    m = make("wrn_16_2", "wrn_40_1")
+    phase = m.phases()[phase_index]
+    m.start_phase(phase)
+    m.train()
+    opt = build_optimizer(phase.optimizers[0])
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    names = {n for n, p in m.named_parameters() if id(p) in in_opt}
+    assert {".".join(n.split(".")[:2]) for n in names} == trained
+    assert names == {n for n, p in m.named_parameters() if p.requires_grad}
+    before = copy.deepcopy(m.state_dict())
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    out = step(m, x, y)
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
+    for n, p in m.named_parameters():
+        if id(p) not in in_opt:
+            assert p.grad is None and torch.equal(p, before[n]), n
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= names
+    host_bn = {k: v for k, v in m.state_dict().items() if k.startswith("targets.") and "running" in k}
+    assert all(torch.equal(v, before[k]) for k, v in host_bn.items())  # host BN statistics fixed
+
+
+def test_host_loss_is_netgraft_normalised_mse_and_fused_is_t2_kl():
+    m = make("resnet8", "resnet8", target="host")
+    randomise(m.net)
+    m.start_phase(m.phases()[0])
+    x, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 2])
+    out = step(m, x, y)
+    with torch.no_grad():
+        s, z = m.hybrid(x), m.H.model(x)
+    hand = sum(((s[b] / s[b].norm() - z[b] / z[b].norm()) ** 2).sum() for b in range(3))
+    torch.testing.assert_close(out["nlmse"], hand, rtol=1e-6, atol=0)
+    assert torch.equal(out["loss"], out["nlmse"])
+    f = make("resnet8", "resnet8", target="fused", temperature=2.0, ce_weight=0.5)
+    randomise(f.net)
+    f.start_phase(f.phases()[0])
+    out = step(f, x, y)
+    with torch.no_grad():
+        s, z = f.hybrid(x), f.H.model(x)
+    p, logq = torch.softmax(z / 2, 1), torch.log_softmax(s / 2, 1)
+    kd = 4 * (p * (p.log() - logq)).sum(1).mean()
+    ce = torch.nn.functional.cross_entropy(s, y)
+    torch.testing.assert_close(out["kd"], kd, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out["loss"], kd + 0.5 * ce, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("host,student,size,shared,arch,junctions", [
+    ("vgg16", "vgg16_graft", 32, 3, "graft:vgg16_graft", [3]),
+    ("wrn_16_2", "wrn_40_1", 16, 0, "graft:wrn_40_1", [0, 1, 2]),
+])
+def test_folded_student_equals_hybrid_chain(host, student, size, shared, arch, junctions):
+    m = make(host, student, size=size, shared_stages=shared).double()
+    for u in range(m.n_units):
+        for module in m.unit_modules(u) + m.unit_bridges(u):
+            randomise(module)
+    m.start_phase(m.phases()[-1])
+    m.eval()
+    folded = m.student()
+    assert m.student_arch == arch and isinstance(folded, GraftedStudent) and m.junction_stages == junctions
+    for slot, conv in folded.junctions.items():  # slots the host did not need stay the identity
+        eye = torch.eye(conv.in_channels).view_as(conv.weight)
+        assert (int(slot) not in junctions) == (torch.equal(conv.weight, eye) and not conv.bias.any()), slot
+    assert not any(mod is b for mod in folded.modules() for b in list(m.t2s.values()) + list(m.s2t.values()))
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), m.hybrid(x), rtol=0, atol=1e-5)
+        rebuilt = create_model(arch, num_classes=3).double().eval()
+        rebuilt.load_state_dict(folded.state_dict())
+        assert torch.equal(rebuilt(x), folded(x))
+    counts = m.param_counts()
+    bridges = sum(p.numel() for d in (m.t2s, m.s2t) for p in d.parameters())
+    assert counts["teacher"] == sum(p.numel() for p in m.H.model.parameters())
+    assert counts["hybrid"] == sum(p.numel() for p in m.net.parameters()) + bridges
+    if host == "vgg16":  # NetGraft: 5,412,682 + the 256x256 junction + identity slots after blocks 0-2
+        assert counts["teacher"] == 14_983_498 - 10 * 513 + 3 * 513
+        assert counts["student"] == 5_412_682 - 7 * 513 + 256 * 257 + 64 * 65 + 128 * 129 + 256 * 257
+
+
+def test_refusals():
+    with pytest.raises(UserError, match="'conv1' must have the same tensors in both: 'conv1.weight' is "
+                                        r"\(32, 3, 3, 3\) in host teacher 0 \(t0\) and \(16, 3, 3, 3\)"):
+        make("resnet8x4", "resnet8")
+    with pytest.raises(UserError, match="shared_stages = 4 but the host has only 3 stages"):
+        make("resnet8", "resnet20", shared_stages=4)
+    h = MODELS.get("resnet8")(num_classes=3)
+    t = TeacherTargets(TeacherEnsemble([Teacher(h, "t", "x", (0.1,) * 3, (0.2,) * 3, *STATS)], FusionConfig(),
+                                       torch.tensor([1.0])), 4.0, False)
+    with pytest.raises(UserError, match="set data.mean/data.std"):
+        Graft(GraftMethod(), t, 0, MODELS.get("resnet8")(num_classes=3), student_name="resnet8", input_size=16,
+              batch_size=8, shots=None)
