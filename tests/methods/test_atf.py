@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from engine.toy import ToyNet, ToyViews
-from graftkd.config import load_config
+from graftkd.config import TeacherConfig, load_config
 from graftkd.data.types import DataBundle
 from graftkd.engine.trainer import Trainer
 from graftkd.errors import UserError
 from graftkd.losses import standardize
 from graftkd.methods.atf import ATF, build_atf
 from graftkd.methods.base import StepContext
-from graftkd.models import create_model, save_model_file
+from graftkd.models import create_model, load_model_file, save_model_file
 from graftkd.teachers.ensemble import Teacher
 
 STATS = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
@@ -189,3 +189,57 @@ def test_modes_switch_the_teacher_terms(tmp_path):
     assert keys["offline_joint"] == ["teacher_acc", "teacher_ce", "teacher_drift", "teacher_loss"]
     assert keys["atf"] == ["teacher_acc", "teacher_ce", "teacher_drift", "teacher_kd", "teacher_loss"]
     assert keys["online"] == ["teacher_acc", "teacher_ce", "teacher_kd", "teacher_loss"]
+
+
+def toy_bundle():
+    return DataBundle(ToyViews(), VAL, ToyViews(16, seed=2, augment=False), ["neg", "pos"], *STATS, 8)
+
+
+def teacher_file(tmp_path, seed):
+    torch.manual_seed(seed)
+    return save_model_file(tmp_path / f"t{seed}.pt", create_model("resnet8", 2), arch="resnet8", num_classes=2,
+                           classes=["neg", "pos"], mean=STATS[0], std=STATS[1], image_size=8)
+
+
+def test_build_train_and_report_two_adapting_teachers(tmp_path):
+    files = [teacher_file(tmp_path, seed) for seed in (1, 2)]
+    cfg = make_cfg(tmp_path, "fusion.strategy=confidence", "method.lr_ratio=1", "trainer.epochs=1")
+    cfg.teachers = [TeacherConfig(name="resnet8", checkpoint=f) for f in files]
+    data = toy_bundle()
+    method = build_atf(cfg, data, build_student=ToyNet, device=torch.device("cpu"))
+    with torch.no_grad():
+        pretrained = [load_model_file(f)[0].eval()(VAL.x).argmax(1) for f in files]
+    assert all(torch.equal(method.val_pred0[k], pretrained[k]) for k in range(2))
+    Trainer(cfg, cfg.run_dir).fit(method, data.train, data.val)
+    assert [s.name for s in method.phases()[0].optimizers] == ["student", "teacher0", "teacher1"]
+    assert sorted(method.extra_outputs()) == ["teacher_adapted_0", "teacher_adapted_1"]
+    assert method.extra_outputs()["teacher_adapted_1"].graftkd_arch == "resnet8"
+    report = method.final_metrics(lambda fn, split: {"n": len(getattr(data, split))})["atf"]
+    assert report["effective"] == {"lam": 1.0, "mu": 1e-3, "lr_ratio": 1.0, "teacher_every": 1,
+                                   "warmup_epochs": 0, "teacher_bn": "eval"}
+    method.eval()
+    with torch.no_grad():
+        s_pred = method.model(VAL.x).argmax(1)
+    for k, row in enumerate(report["teachers"]):
+        with torch.no_grad():
+            t_pred = method.teachers[k](VAL.x).argmax(1)
+        assert row["relative_weight_change"] > 0 and row["val"] == {"n": 16} and row["test"] == {"n": 16}
+        assert row["val_acc_before"] == pytest.approx((pretrained[k] == VAL.y).float().mean().item())
+        assert row["val_acc_after"] == pytest.approx((t_pred == VAL.y).float().mean().item())
+        assert row["val_acc_change"] == pytest.approx(row["val_acc_after"] - row["val_acc_before"])
+        assert row["agreement_before"] == pytest.approx((s_pred == pretrained[k]).float().mean().item())
+        assert row["agreement_after"] == pytest.approx((s_pred == t_pred).float().mean().item())
+
+
+def test_online_peers_start_from_random_init_and_need_a_label_free_fusion(tmp_path):
+    files = [teacher_file(tmp_path, seed) for seed in (1, 2)]
+    cfg = make_cfg(tmp_path, "method.mode=online")
+    cfg.teachers = [TeacherConfig(name="resnet8", checkpoint=f) for f in files]
+    with pytest.raises(UserError, match="fusion.strategy='accuracy'"):
+        build_atf(cfg, toy_bundle(), build_student=ToyNet, device=torch.device("cpu"))
+    cfg.fusion.strategy = "mean"
+    method = build_atf(cfg, toy_bundle(), build_student=ToyNet, device=torch.device("cpu"))
+    loaded = load_model_file(files[0])[0]
+    assert not torch.equal(method.teachers[0].model.fc.weight, loaded.fc.weight)
+    assert method.teachers[0].source == "random init (online peer)"
+    assert method.eff.mu == 0 and method.eff.warmup_epochs == 0 and method.eff.teacher_bn == "train"
