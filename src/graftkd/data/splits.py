@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -125,13 +126,7 @@ def record_key(r: Record, root: Path | None) -> str:
     """Stable key of a record in ``splits.csv``: path relative to the data root, or the array index."""
     if r.path is None:
         return str(r.meta["index"])
-    p = Path(r.path)
-    if root is not None:
-        try:
-            return p.relative_to(root).as_posix()
-        except ValueError:
-            pass
-    return p.as_posix()
+    return Path(os.path.relpath(r.path, root)).as_posix() if root is not None else Path(r.path).as_posix()
 
 
 def write_splits(path: Path, records: Sequence[Record], assign: Sequence[str], root: Path | None) -> Path:
