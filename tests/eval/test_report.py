@@ -1,0 +1,61 @@
+"""report.html is self-contained: every image an embedded PNG, every plot present."""
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+from graftkd.cli import main
+from graftkd.eval.report import load_run, model_rows, write_report
+
+from tests.eval.conftest import make_run
+
+IMG_SRC = re.compile(r'<img[^>]*\ssrc="([^"]*)"')
+
+
+def _images(html: str) -> list[bytes]:
+    srcs = IMG_SRC.findall(html)
+    assert all(s.startswith("data:image/png;base64,") for s in srcs), srcs
+    assert not re.search(r'(src|href)="(?!data:)', html)  # nothing external
+    return [base64.b64decode(s.split(",", 1)[1]) for s in srcs]
+
+
+def test_single_run_report_embeds_every_plot(tiny_run: Path) -> None:
+    assert main(["report", str(tiny_run)]) == 0
+    html = (tiny_run / "report.html").read_text()
+    pngs = _images(html)
+    assert len(pngs) == 5 and all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
+    saved = sorted(p.stem for p in (tiny_run / "plots").glob("*.png"))
+    assert saved == ["confusion", "curves", "magnification", "models", "reliability"]
+    assert sorted((tiny_run / "plots" / f"{n}.png").read_bytes() for n in saved) == sorted(pngs)
+    for text in ("resnet32x4", "vgg13", "ensemble", "40X", "100X", "patient RR", "stage2", "accuracy versus latency"):
+        assert text in html
+
+
+def test_model_rows_pick_up_teachers_ensemble_and_latency(tiny_run: Path) -> None:
+    rows = model_rows(load_run(tiny_run).metrics)
+    assert [(r["role"], r["name"], r["latency"]["ms_b1"]) for r in rows] == [
+        ("student", "resnet8", 1.5), ("teacher", "resnet32x4", 9.0), ("teacher", "vgg13", 5.0),
+        ("ensemble", "ensemble", 14.5)]
+
+
+def test_supervised_run_has_no_model_table(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "sup", distill=False)
+    html = write_report([run]).read_text()
+    assert len(_images(html)) == 4 and "Teachers, ensemble and student" not in html
+
+
+def test_comparison_of_two_runs(tmp_path: Path) -> None:
+    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b", distill=False)
+    out = tmp_path / "cmp.html"
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    html = out.read_text()
+    assert len(_images(html)) == 3  # val curves, test metrics, accuracy vs latency (run a only)
+    assert html.count("<tr>") == 3 and ">a<" in html and ">b<" in html
+    assert sorted(p.name for p in (tmp_path / "cmp_plots").iterdir()) == [
+        "compare_curves.png", "compare_latency.png", "compare_metrics.png"]
+
+
+def test_missing_metrics_is_a_user_error(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "has no metrics.json" in capsys.readouterr().err
