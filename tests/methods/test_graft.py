@@ -179,3 +179,30 @@ def test_refusals():
     with pytest.raises(UserError, match="set data.mean/data.std"):
         Graft(GraftMethod(), t, 0, MODELS.get("resnet8")(num_classes=3), student_name="resnet8", input_size=16,
               batch_size=8, shots=None)
+
+
+def test_end_to_end_graft_run_on_synthetic(tmp_path):
+    from graftkd.config import validate_config
+    from graftkd.engine.run import execute, read_metrics
+    from graftkd.models import load_model_file
+
+    data = {"source": "synthetic", "image_size": 16, "batch_size": 8, "shots": 2,
+            "split": {"kind": "fraction", "train": 0.5, "val": 0.25, "test": 0.25, "seed": 0},
+            "synthetic": {"patients": 8, "images_per_patient": 2, "size": [24, 24], "magnifications": [40]}}
+    common = {"data": data, "trainer": {"progress": False, "device": "cpu"},
+              "output": {"dir": str(tmp_path), "tensorboard": False}}
+    teacher = validate_config({**common, "name": "t", "data": {**data, "shots": None}, "model": {"name": "resnet20"},
+                               "trainer": {**common["trainer"], "epochs": 1}})
+    execute(teacher)
+    cfg = validate_config({**common, "name": "g", "model": {"name": "resnet8"},
+                           "teachers": [{"name": "resnet20", "checkpoint": str(tmp_path / "t" / "model.pt")}],
+                           "method": {"name": "graft", "target": "fused", "stage1": {"epochs": [1]},
+                                      "stage2": {"epochs": [1]}}})
+    run = execute(cfg)
+    metrics = read_metrics(run)
+    assert metrics["student"] == "resnet8" and metrics["data"]["fewshot"]["shots"] == 2
+    assert metrics["selection"]["phase"] == "stage2_to_head"
+    assert metrics["graft"]["units"] == ["layer1", "layer2", "layer3", "head"] and metrics["graft"]["batch_size"] == 1
+    assert metrics["params"]["student"] == sum(p.numel() for p in MODELS.get("resnet8")(num_classes=2).parameters())
+    model, meta = load_model_file(run / "model.pt")
+    assert meta["arch"] == "resnet8" and type(model).__name__ == "CifarResNet"
