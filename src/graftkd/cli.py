@@ -43,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(message: str) -> str:
+    """A user error as one line (YAML parser messages, for one, span several)."""
+    return " | ".join(line.strip() for line in message.splitlines() if line.strip()) or "unknown error"
+
+
+def _rank_tag() -> str:
+    """`` [rank r]`` under torchrun with several processes, else empty."""
+    return f" [rank {os.environ.get('RANK', '?')}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("GRAFTKD_DEBUG") == "1"
@@ -55,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if debug:
             raise
-        print(f"graftkd {args.command}: error: {e}", file=sys.stderr)
+        print(f"graftkd {args.command}: error{_rank_tag()}: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"graftkd {args.command}: interrupted", file=sys.stderr)

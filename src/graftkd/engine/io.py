@@ -18,11 +18,22 @@ from graftkd.errors import UserError
 CHECKPOINT_FORMAT = "graftkd-checkpoint-v1"
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file (mkstemp's temporaries are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, _FILE_MODE)
     except OSError as e:
         raise UserError(f"cannot write to {path.parent}: {e.strerror}") from None
     try:
@@ -40,6 +51,14 @@ def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> Path:
             raise UserError(f"writing {path} failed ({e.strerror or e}); the previous file is unchanged") from None
         raise
     return path
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries of atomic writes a killed process left in ``folder``; returns them."""
+    stale = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from graftkd.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, TrainerConfig
 from graftkd.engine.distributed import DistContext
-from graftkd.engine.io import atomic_write_text, load_checkpoint, save_checkpoint
+from graftkd.engine.io import atomic_write_text, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from graftkd.errors import UserError
 from graftkd.methods.base import Method, OptimSpec, Phase, StepContext
 
@@ -268,6 +268,9 @@ class Trainer:
             if not last_path.is_file():
                 raise UserError(f"--resume: no checkpoint at {last_path}")
             resume_state = load_checkpoint(last_path, map_location=dev)
+            if self.dist.is_main:  # half-written files of a killed run
+                remove_stale_temporaries(self.ckpt_dir)
+                remove_stale_temporaries(self.run_dir)
             if resume_state.get("kind") != "train_state":
                 raise UserError(f"{last_path} is not a training state checkpoint")
             saved_world = int(resume_state.get("world_size", 1))

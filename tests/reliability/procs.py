@@ -1,0 +1,38 @@
+"""Run the toy trainer (``toytrain.py``) in subprocesses: one process, or two gloo ranks via torchrun."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from graftkd.engine.io import load_checkpoint
+
+TOYTRAIN = Path(__file__).with_name("toytrain.py")
+SRC = Path(__file__).resolve().parents[2] / "src"
+TIMEOUT_S = 240
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
+    e["PYTHONPATH"] = os.pathsep.join([str(SRC), e.get("PYTHONPATH", "")])
+    return e
+
+
+def run_toy(run_dir: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run toytrain.py; ``nproc > 1`` launches it with torchrun on 127.0.0.1 (free port, gloo)."""
+    cmd = [sys.executable, str(TOYTRAIN), str(run_dir), *args]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "--max-restarts=0", *cmd[1:]]
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "final.pt")["model"]

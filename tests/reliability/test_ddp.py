@@ -1,0 +1,75 @@
+"""torchrun DDP on CPU: 2 gloo ranks on 127.0.0.1 against one process with the same global batch."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from graftkd.config import load_config
+from graftkd.engine.io import load_checkpoint, save_checkpoint
+from graftkd.engine.trainer import Trainer
+from graftkd.errors import UserError
+from graftkd.methods.supervised import Supervised
+from engine.toy import ToyNet, ToyViews
+
+from .procs import check, final_weights, run_toy
+from .toytrain import train
+
+GLOBAL_BATCH = 8
+
+
+def rows(run_dir):
+    with (run_dir / "log.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_ddp_reaches_single_process_weights(tmp_path):
+    """Without BatchNorm (per-rank batch statistics) and Dropout (per-rank masks), 2 ranks with
+    batch 4 each take exactly the single process's steps with batch 8: same samples per step,
+    averaged gradients. Equal up to float summation order."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    train(single, "plain", GLOBAL_BATCH, 3)
+    check(run_toy(ddp, "--net", "plain", "--batch", str(GLOBAL_BATCH // 2), "--epochs", "3", nproc=2))
+    a, b = final_weights(single), final_weights(ddp)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    ra, rb = rows(single), rows(ddp)
+    assert [r["global_batch"] for r in rb] == [str(GLOBAL_BATCH)] * 3
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        assert float(y["train_loss"]) == pytest.approx(float(x["train_loss"]), abs=1e-5)
+        assert float(y["val_loss"]) == pytest.approx(float(x["val_loss"]), abs=1e-5)
+        assert y["val_acc"] == x["val_acc"]
+    assert load_checkpoint(ddp / "checkpoints" / "last.pt")["world_size"] == 2
+    listing = sorted(str(p.relative_to(ddp)) for p in ddp.rglob("*"))
+    assert listing == sorted(str(p.relative_to(single)) for p in single.rglob("*"))  # rank 0 alone writes
+
+
+def test_ddp_run_killed_on_rank1_resumes_to_identical_weights(tmp_path):
+    """ToyNet with BatchNorm and Dropout: rank 1 is SIGKILLed mid-epoch, torchrun tears the group
+    down, and ``--resume`` under torchrun ends bit-identical to the uninterrupted DDP run
+    (BN running statistics are averaged across ranks before every checkpoint)."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    check(run_toy(straight, "--batch", "4", "--epochs", "3", nproc=2))
+    p = run_toy(killed, "--batch", "4", "--epochs", "3", "--kill-rank", "1", "--kill-at-step", "14", nproc=2)
+    assert p.returncode != 0 and (killed / "killed-step-14").is_file(), p.stderr[-2000:]
+    assert load_checkpoint(killed / "checkpoints" / "last.pt")["global_epoch"] == 2
+    check(run_toy(killed, "--batch", "4", "--epochs", "3", "--resume", nproc=2))
+    a, b = final_weights(straight), final_weights(killed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["train_loss"] for r in rows(straight)] == [r["train_loss"] for r in rows(killed)]
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    cfg = load_config(None, [f"output.dir={tmp_path}", "output.name=run", "output.tensorboard=false",
+                             "trainer.epochs=2", "trainer.progress=false", "data.batch_size=8"])
+    data = ToyViews(16), ToyViews(8, seed=1, augment=False)
+    Trainer(cfg, cfg.run_dir).fit(Supervised(cfg, ToyNet()), *data)
+    last = cfg.run_dir / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["world_size"] = 2
+    save_checkpoint(last, {k: v for k, v in state.items() if k != "format"})
+    with pytest.raises(UserError, match=r"2 process\(es\), this one has 1: resume with --nproc 2"):
+        Trainer(cfg, cfg.run_dir).fit(Supervised(cfg, ToyNet()), *data, resume=True)
