@@ -88,15 +88,21 @@ class TeacherConfig(ModelConfig):
 
 
 class FusionConfig(Strict):
-    strategy: Literal["mean", "accuracy", "entropy", "confidence", "best"] = "accuracy"
-    tau: float = Field(0.05, gt=0, description="accuracy fusion: w = softmax(acc / tau)")
+    """How K teachers' softmax outputs become one target ``sum_k w_k softmax(z_k / T)`` (methods.md I.2)."""
+
+    strategy: Literal["mean", "accuracy", "entropy", "confidence", "best"] = Field(
+        "accuracy", description="mean: 1/K; accuracy: softmax(val_acc / tau) per teacher; entropy (EBKD): per "
+                                "sample 1 - H_k / sum_j H_j; confidence (CA-MKD): per sample (1 - softmax_k(CE_k)) / "
+                                "(K-1), uses the label; best: the teacher with the best val accuracy")
+    tau: float = Field(0.05, gt=0, description="accuracy fusion: w = softmax(acc / tau); large tau -> mean")
 
 
 class CacheConfig(Strict):
     """Soft-target cache: fused teacher targets of V replayable views per training image."""
 
-    enabled: bool = False
-    views: int = Field(8, ge=1)
+    enabled: bool = Field(False, description="precompute targets once in run/cache (frozen teachers only); "
+                                             "the training set then shows one of `views` views per image each epoch")
+    views: int = Field(8, ge=1, description="replayable augmented views cached per training image")
     topk: int | None = Field(None, ge=1, description="store top-k + residual mass (None: full float16)")
 
 
@@ -117,31 +123,39 @@ class DivergenceConfig(Strict):
 
 
 class KDMethod(Strict):
+    """ce_weight * CE + kd_weight * T^2 D(target || softmax(s/T)); target = one teacher's softmax or the
+    fused multi-teacher distribution (mdistiller defaults)."""
+
     name: Literal["kd"] = "kd"
-    temperature: float = Field(4.0, gt=0)
-    ce_weight: float = Field(0.1, ge=0)
-    kd_weight: float = Field(0.9, ge=0)
-    standardize: bool = False
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    divergence: DivergenceConfig = DivergenceConfig()
+    temperature: float = Field(4.0, gt=0, description="T of the teachers' and the student's softmax")
+    ce_weight: float = Field(0.1, ge=0, description="weight of CE to the labels")
+    kd_weight: float = Field(0.9, ge=0, description="weight of the T^2-scaled divergence to the target")
+    standardize: bool = Field(False, description="logit standardisation Z() of teacher and student logits before /T")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the CE term")
+    divergence: DivergenceConfig = Field(DivergenceConfig(), description="kl | alpha | alpha_beta")
 
 
 class DKDMethod(Strict):
+    """ce_weight * CE + min(epoch / warmup, 1) * (alpha TCKD + beta NCKD), epoch from 1 (mdistiller defaults)."""
+
     name: Literal["dkd"] = "dkd"
-    temperature: float = Field(4.0, gt=0)
-    ce_weight: float = Field(1.0, ge=0)
-    alpha: float = Field(1.0, ge=0)
-    beta: float = Field(8.0, ge=0)
-    warmup_epochs: int = Field(20, ge=0)
-    standardize: bool = False
+    temperature: float = Field(4.0, gt=0, description="T of the teachers' and the student's softmax")
+    ce_weight: float = Field(1.0, ge=0, description="weight of CE to the labels")
+    alpha: float = Field(1.0, ge=0, description="weight of target-class KD (TCKD)")
+    beta: float = Field(8.0, ge=0, description="weight of non-target-class KD (NCKD); mdistiller uses 6 or 2 for some pairs")
+    warmup_epochs: int = Field(20, ge=0, description="linear ramp of the DKD term over this many epochs (0: none)")
+    standardize: bool = Field(False, description="logit standardisation Z() of teacher and student logits before /T")
 
 
 class DMLMethod(Strict):
+    """Deep mutual learning: `model` (peer 0, the student) and `peers` trained together from scratch."""
+
     name: Literal["dml"] = "dml"
-    peers: list[ModelConfig] = Field(default_factory=list, description="extra peers besides `model`")
-    temperature: float = Field(1.0, gt=0)
-    ce_weight: float = Field(1.0, ge=0)
-    kd_weight: float = Field(1.0, ge=0)
+    peers: list[ModelConfig] = Field(default_factory=list, description="extra peers besides `model` (at least one); "
+                                                                       "each saved as peer<k>.pt")
+    temperature: float = Field(1.0, gt=0, description="T of the mutual KL terms (DML: 1)")
+    ce_weight: float = Field(1.0, ge=0, description="weight of each peer's CE to the labels")
+    kd_weight: float = Field(1.0, ge=0, description="weight of mean_j T^2 KL(p_j || p_self) over the other (detached) peers")
     teacher_weight: float = Field(0.0, ge=0, description="weight of an extra KD term to the fused teachers' target")
 
 
