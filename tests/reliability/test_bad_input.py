@@ -1,0 +1,202 @@
+"""Bad input through the real CLI: one line on stderr naming the culprit, exit code 2, no traceback
+(a traceback with ``--debug``)."""
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.io import encode_png
+
+import graftkd.engine.io as gio
+from graftkd.cli import main
+from graftkd.engine.io import load_checkpoint
+from graftkd.errors import UserError
+from graftkd.models import create_model, save_model_file
+
+from .procs import env
+
+TINY = ["data.image_size=16", "data.batch_size=4", "data.eval_batch_size=8", "model.name=resnet8",
+        "trainer.epochs=2", "trainer.progress=false", "trainer.device=cpu", "output.tensorboard=false",
+        "data.split.train=0.5", "data.split.val=0.25", "data.split.test=0.25", "data.decoded_cache=none"]
+
+
+def write_png(path: Path, seed: int) -> Path:
+    img = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (3, 20, 20), dtype=np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_png(img).numpy().tobytes())
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """root/<benign|malignant>/<i>.png, 8 images per class."""
+    root = tmp_path / "images"
+    for c, name in enumerate(("benign", "malignant")):
+        for i in range(8):
+            write_png(root / name / f"{i}.png", seed=10 * c + i)
+    return root
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    """Run ``graftkd argv`` in-process; (exit code, stderr)."""
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def assert_one_line_error(rc: int, err: str, *culprits: str) -> None:
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("graftkd ") and ": error: " in lines[0], err
+    for c in culprits:
+        assert c in lines[0], (c, err)
+
+
+def base_config(tmp_path: Path) -> str:
+    path = tmp_path / "base.yaml"
+    path.write_text("name: experiment\n")
+    return str(path)
+
+
+def train(capsys, tmp_path, root: Path, *extra: str, command: str = "train") -> tuple[int, str]:
+    return cli(capsys, command, "-c", base_config(tmp_path), *TINY, "data.source=folder", f"data.root={root}",
+               f"output.dir={tmp_path / 'runs'}", *extra)
+
+
+# ----------------------------------------------------------------------------------- images
+def test_zero_byte_image(capsys, tmp_path, tree):
+    bad = tree / "benign" / "empty.png"
+    bad.write_bytes(b"")
+    assert_one_line_error(*train(capsys, tmp_path, tree), str(bad))
+
+
+def test_corrupted_image(capsys, tmp_path, tree):
+    bad = tree / "malignant" / "noise.png"
+    bad.write_bytes(np.random.default_rng(0).bytes(300))
+    assert_one_line_error(*train(capsys, tmp_path, tree), str(bad))
+
+
+def test_truncated_image(capsys, tmp_path, tree):
+    bad = tree / "benign" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    assert_one_line_error(*train(capsys, tmp_path, tree), str(bad))
+
+
+def test_text_file_named_like_an_image_and_other_files_ignored(capsys, tmp_path, tree):
+    (tree / "benign" / "notes.txt").write_text("not an image, not an image suffix: ignored\n")
+    fake = tree / "malignant" / "scan.jpg"
+    fake.write_text("this is text\n")
+    assert_one_line_error(*train(capsys, tmp_path, tree), str(fake))
+    fake.unlink()
+    assert main(["data", "summary", *TINY, "data.source=folder", f"data.root={tree}"]) == 0
+    assert "| benign | 8 |" in capsys.readouterr().out
+
+
+def test_missing_data_root(capsys, tmp_path):
+    missing = tmp_path / "nowhere"
+    assert_one_line_error(*train(capsys, tmp_path, missing), str(missing))
+
+
+def test_csv_manifest_with_wrong_label_column(capsys, tmp_path, tree):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,class\n" + "".join(f"images/benign/{i}.png,benign\n" for i in range(8)))
+    rc, err = cli(capsys, "train", "-c", base_config(tmp_path), *TINY, "data.source=csv", f"data.root={manifest}",
+                  f"output.dir={tmp_path}")
+    assert_one_line_error(rc, err, str(manifest), "'label'")
+
+
+# ----------------------------------------------------------------------------------- config
+def test_config_type_error(capsys, tmp_path, tree):
+    assert_one_line_error(*train(capsys, tmp_path, tree, "trainer.epochs=many"), "trainer.epochs", "'many'")
+
+
+def test_out_of_range_value(capsys, tmp_path, tree):
+    assert_one_line_error(*train(capsys, tmp_path, tree, "optimizer.lr=-0.1"), "optimizer.lr", "-0.1")
+
+
+def test_unknown_key_suggests_the_right_one(capsys, tmp_path, tree):
+    assert_one_line_error(*train(capsys, tmp_path, tree, "trainer.epoch=3"), "trainer.epoch", "trainer.epochs")
+
+
+def test_invalid_yaml_file_is_one_line(capsys, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("data:\n  source: folder\n   root: [unclosed\n")
+    assert_one_line_error(*cli(capsys, "train", "-c", str(cfg)), str(cfg), "YAML")
+
+
+# ---------------------------------------------------------------------------------- teachers
+def teacher_file(tmp_path: Path, arch: str, classes: list[str]) -> Path:
+    path = tmp_path / f"teacher_{arch}_{len(classes)}.pt"
+    save_model_file(path, create_model(arch, num_classes=len(classes)), arch=arch, num_classes=len(classes),
+                    classes=classes, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), image_size=16)
+    return path
+
+
+def test_teacher_with_other_classes(capsys, tmp_path, tree):
+    t = teacher_file(tmp_path, "resnet8", ["a", "b", "c"])
+    rc, err = train(capsys, tmp_path, tree, "method.name=kd", f"teachers=[{{checkpoint: {t}}}]", command="distill")
+    assert_one_line_error(rc, err, str(t), "classes")
+
+
+def test_graft_stage_mismatch(capsys, tmp_path, tree):
+    t = teacher_file(tmp_path, "vgg8", ["benign", "malignant"])
+    rc, err = train(capsys, tmp_path, tree, "method.name=graft", f"teachers=[{{checkpoint: {t}}}]",
+                    "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", command="distill")
+    assert_one_line_error(rc, err, "stage", "vgg8", "resnet8")
+
+
+# ------------------------------------------------------------------------------ output/disk
+def test_output_folder_that_cannot_be_created(capsys, tmp_path, tree):
+    """Tests run as root, so chmod does not stop writes: the output folder lies below a regular file."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    rc, err = cli(capsys, "train", "-c", base_config(tmp_path), *TINY, "data.source=folder", f"data.root={tree}",
+                  f"output.dir={blocker / 'runs'}")
+    assert_one_line_error(rc, err, str(blocker))
+
+
+def test_disk_full_on_checkpoint_write_keeps_the_previous_checkpoint(capsys, tmp_path, tree, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def save(obj, f):
+        calls.append(1)
+        if obj.get("kind") == "train_state" and obj.get("global_epoch") == 2:
+            f.write(b"PK\x03\x04 partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(gio.torch, "save", save)
+    rc, err = train(capsys, tmp_path, tree)
+    monkeypatch.undo()
+    last = tmp_path / "runs" / "experiment" / "checkpoints" / "last.pt"
+    assert_one_line_error(rc, err, str(last), "No space left on device", "previous file is unchanged")
+    assert load_checkpoint(last)["global_epoch"] == 1
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+def test_foreign_checkpoint_on_resume(capsys, tmp_path, tree):
+    assert train(capsys, tmp_path, tree, "trainer.epochs=1")[0] == 0
+    last = tmp_path / "runs" / "experiment" / "checkpoints" / "last.pt"
+    torch.save({"state_dict": {}}, last)
+    assert_one_line_error(*train(capsys, tmp_path, tree, "--resume"), str(last), "not a graftkd checkpoint")
+    last.write_bytes(b"PK\x03\x04 truncated")
+    assert_one_line_error(*train(capsys, tmp_path, tree, "--resume"), str(last), "cannot load checkpoint")
+
+
+# ------------------------------------------------------------------------------------ debug
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        main(["--debug", "train", "-c", str(tmp_path / "missing.yaml")])
+
+
+def test_subprocess_exit_code_and_traceback_only_with_debug(tmp_path):
+    cmd = [sys.executable, "-m", "graftkd", "train", "-c", str(tmp_path / "missing.yaml")]
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "missing.yaml" in p.stderr, p.stderr
+    p = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "Traceback" in p.stderr and "UserError" in p.stderr
