@@ -1,7 +1,7 @@
 """Demo-sized latency comparison: three CIFAR-family teachers run together (the ensemble) versus
 one student, at 64 px with 2 classes (random weights: latency does not depend on them).
 
-    python benchmarks/latency.py [--threads 2] [--repeats 20] [--out benchmarks/results/latency.json]
+    python benchmarks/latency.py [--threads 2] [--repeats 20] [--warmup 2] [--out benchmarks/results/latency.json]
 
 Writes the JSON (student_ms_b1, ensemble_ms_b1, student_ms_b64, ensemble_ms_b64, speedup_b64 plus
 per-network profiles and context) and prints a Markdown table.
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latency.json")
     args = p.parse_args(argv)
@@ -34,16 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     teachers = [create_model(n, num_classes=2) for n in TEACHERS]
     student = create_model(STUDENT, num_classes=2)
-    prof = {n: profile_model(m, args.image_size, repeats=args.repeats) for n, m in zip(TEACHERS, teachers)}
-    prof["ensemble"] = profile_model(teachers, args.image_size, repeats=args.repeats)
-    prof[STUDENT] = profile_model(student, args.image_size, repeats=args.repeats)
+    prof = {n: profile_model(m, args.image_size, repeats=args.repeats, warmup=args.warmup) for n, m in zip(TEACHERS, teachers)}
+    prof["ensemble"] = profile_model(teachers, args.image_size, repeats=args.repeats, warmup=args.warmup)
+    prof[STUDENT] = profile_model(student, args.image_size, repeats=args.repeats, warmup=args.warmup)
     s, e = prof[STUDENT], prof["ensemble"]
     result = {
         "student_ms_b1": s["ms_b1"], "ensemble_ms_b1": e["ms_b1"],
         "student_ms_b64": s["ms_b64"], "ensemble_ms_b64": e["ms_b64"],
         "speedup_b1": round(e["ms_b1"] / s["ms_b1"], 2), "speedup_b64": round(e["ms_b64"] / s["ms_b64"], 2),
         "student": STUDENT, "teachers": list(TEACHERS), "num_classes": 2, "image_size": args.image_size,
-        "threads": args.threads, "repeats": args.repeats, "warmup": 3, "torch": torch.__version__,
+        "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}",
         "command": "python benchmarks/latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "profiles": prof,
