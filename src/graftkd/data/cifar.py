@@ -20,6 +20,19 @@ LAYOUT = {
 }
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches (containers, strings, numpy arrays) and refuses any other global, so a
+    crafted file cannot run code."""
+
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+        return super().find_class(module, name)
+
+
 class _Source:
     """Reads members of a CIFAR folder or tarball by file name."""
 
@@ -57,14 +70,14 @@ class _Source:
                 fh = self.tar.extractfile(self.members[member])
                 assert fh is not None
                 with fh:
-                    obj = pickle.load(fh, encoding="latin1")
+                    obj = _ArrayUnpickler(fh, encoding="latin1").load()
             else:
                 assert self.folder is not None
                 path = self.folder / member
                 if not path.is_file():
                     raise self._missing(member)
                 with open(path, "rb") as fh:
-                    obj = pickle.load(fh, encoding="latin1")
+                    obj = _ArrayUnpickler(fh, encoding="latin1").load()
         except (pickle.UnpicklingError, EOFError, ValueError, tarfile.TarError) as e:
             raise UserError(f"{self.name}: '{member}' in {self.root} is not a CIFAR pickle ({type(e).__name__}: {e})") from None
         if not isinstance(obj, dict):
