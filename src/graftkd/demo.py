@@ -1,0 +1,164 @@
+"""``graftkd demo``: the whole product on the embedded synthetic histology (or a real BreaKHis_v1).
+
+Generates the data, trains three teachers of different architectures, distils a small student
+with KD, multi-teacher KD, multi-teacher grafting and ATF from a few labelled images per class
+(plus the same student from scratch), evaluates at image and patient level, profiles latency,
+exports the best student (selected on validation) to ONNX, writes a comparison report and prints
+a summary table.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from graftkd.config import ExperimentConfig, validate_config
+from graftkd.errors import UserError
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_demo_spec(quick: bool) -> dict[str, Any]:
+    spec = yaml.safe_load(resources.files("graftkd").joinpath("configs/demo.yaml").read_text())
+    if quick:
+        q = spec.pop("quick")
+        spec["base"] = deep_merge(spec["base"], q["base"])
+        spec["student_shots"] = q["student_shots"]
+        for stage in spec["students"].values():
+            stage.setdefault("trainer", {})["epochs"] = q["epochs"]
+            stage["trainer"]["eval_every"] = 1
+            if stage["method"]["name"] == "graft":
+                stage["method"]["stage1"] = {"epochs": [1]}
+                stage["method"]["stage2"] = {"epochs": [1]}
+            if stage["method"]["name"] == "atf":
+                stage["method"]["warmup_epochs"] = 1
+    else:
+        spec.pop("quick")
+    return spec
+
+
+def stage_config(spec: dict[str, Any], section: dict[str, Any], name: str, out: Path,
+                 data_root: str | None) -> ExperimentConfig:
+    raw = deep_merge(spec["base"], section)
+    raw["name"] = name
+    raw["output"] = {**raw.get("output", {}), "dir": str(out), "name": name}
+    if data_root is not None:
+        raw["data"]["source"] = "breakhis"
+        raw["data"]["root"] = data_root
+    else:
+        raw["data"]["root"] = str(out / "data" / "synthetic")
+    return validate_config(raw, f"demo stage '{name}'")
+
+
+def _teacher_entries(choice: str, teachers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    names = list(teachers) if choice == "all" else [max(teachers, key=lambda n: teachers[n]["val_acc"])]
+    return [{"name": teachers[n]["arch"], "checkpoint": teachers[n]["model"]} for n in names]
+
+
+def _row(name: str, metrics: dict[str, Any], latency: dict[str, Any] | None) -> dict[str, Any]:
+    test = metrics["test"]
+    return {"model": name, "val_acc": metrics["val"]["accuracy"], "test_acc": test["accuracy"],
+            "test_patient_rr": test.get("patient_recognition_rate"),
+            "params": (latency or {}).get("params"), "ms_b1": (latency or {}).get("ms_b1"),
+            "ms_b64": (latency or {}).get("ms_b64")}
+
+
+def format_table(rows: list[dict[str, Any]], ensemble_ms_b64: float | None) -> str:
+    head = ["model", "val acc", "test acc", "test patient RR", "params", "CPU ms (b=1)", "CPU ms (b=64)",
+            "speedup vs ensemble (b=64)"]
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        speed = ensemble_ms_b64 / r["ms_b64"] if ensemble_ms_b64 and r.get("ms_b64") else None
+        lines.append("| " + " | ".join([r["model"], f(r["val_acc"], ".3f"), f(r["test_acc"], ".3f"),
+                                        f(r["test_patient_rr"], ".3f"), f(r["params"], ","), f(r["ms_b1"], ".2f"),
+                                        f(r["ms_b64"], ".1f"), "-" if speed is None else f"{speed:.1f}x"]) + " |")
+    return "\n".join(lines)
+
+
+def run_demo(quick: bool = False, data_root: str | None = None, out: str | Path = "runs/demo") -> int:
+    """Run the pipeline; prints progress lines, the summary table and where everything is."""
+    from graftkd.engine.io import atomic_write_json, atomic_write_text
+    from graftkd.engine.run import execute, read_metrics
+    from graftkd.eval.commands import evaluate
+    from graftkd.eval.report import write_report
+    from graftkd.export import export_model
+
+    if data_root is not None and not Path(data_root).is_dir():
+        raise UserError(f"--data {data_root}: no such folder (point it at an unpacked BreaKHis_v1)")
+    out = Path(out)
+    spec = load_demo_spec(quick)
+    t_all = time.perf_counter()
+
+    def stage(name: str, section: dict[str, Any]) -> Path:
+        t0 = time.perf_counter()
+        cfg = stage_config(spec, section, name, out, data_root)
+        run = execute(cfg, overwrite=True)
+        m = read_metrics(run)
+        print(f"[demo] {name:<18} val acc {m['val']['accuracy']:.3f}  test acc {m['test']['accuracy']:.3f}  "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        return run
+
+    teachers: dict[str, dict[str, Any]] = {}
+    for name, section in spec["teachers"].items():
+        run = stage(f"teacher_{name}", {**section, "method": {"name": "supervised"}})
+        teachers[name] = {"arch": section["model"]["name"], "model": str(run / "model.pt"),
+                          "val_acc": read_metrics(run)["val"]["accuracy"], "run": run}
+
+    shots = {"data": {"shots": spec["student_shots"]}, "model": {"name": spec["student_model"]}}
+    students: dict[str, Path] = {}
+    for name, section in spec["students"].items():
+        section = deep_merge(shots, section)
+        choice = section.pop("teachers", None)
+        host = section.pop("host", None)
+        if choice is not None:
+            section["teachers"] = _teacher_entries(choice, teachers)
+        if host is not None:
+            section["method"]["host"] = [t["checkpoint"] for t in section["teachers"]].index(teachers[host]["model"])
+        students[name] = stage(f"student_{name}", section)
+
+    # latency of every student, each teacher and the ensemble; written into each run's metrics.json
+    rows: list[dict[str, Any]] = []
+    repeats = 5 if quick else 20
+    _, mt = evaluate(students["mt_kd"], splits=("val", "test"), latency=True, repeats=repeats)
+    lat = mt["latency"]
+    for t, entry in zip(teachers, lat.get("teachers", [])):
+        rows.append(_row(f"teacher {t}", read_metrics(teachers[t]["run"]), entry))
+    ens = mt.get("ensemble")
+    if ens is not None:
+        rows.append({**_row("ensemble (accuracy-weighted)", {"val": ens["val"], "test": ens["test"]}, lat["ensemble"]),
+                     "model": "teacher ensemble"})
+    for name, run in students.items():
+        _, m = (evaluate(run, splits=("val", "test"), latency=True, repeats=repeats) if name != "mt_kd"
+                else (run, mt))
+        rows.append(_row(f"student {name} ({spec['student_model']})", m, m["latency"]["student"]))
+
+    best = max(students, key=lambda n: read_metrics(students[n])["val"]["accuracy"])
+    export_dir = out / "export"
+    written = export_model(students[best], formats=("safetensors", "onnx"), out_dir=export_dir)
+    report = write_report([t["run"] for t in teachers.values()] + list(students.values()), out / "report.html")
+    for run in students.values():
+        write_report([run])
+    table = format_table(rows, lat["ensemble"]["ms_b64"] if "ensemble" in lat else None)
+    atomic_write_text(out / "summary.md", table + "\n")
+    atomic_write_json(out / "summary.json", {"rows": rows, "best_student": best, "export": {k: str(v) for k, v in written.items()},
+                                             "seconds": round(time.perf_counter() - t_all, 1), "quick": quick})
+    print()
+    print(table)
+    print()
+    print(f"[demo] best student on validation: {best}; exported to {written['onnx']} (+ safetensors, model card)")
+    print(f"[demo] comparison report: {report}")
+    print(f"[demo] run folder: {out}  ({time.perf_counter() - t_all:.0f} s)")
+    return 0
