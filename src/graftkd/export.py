@@ -209,8 +209,8 @@ def load_exported(path: str | Path, backend: str = "auto") -> tuple[Predictor, d
     path = Path(path)
     if not path.exists():
         raise UserError(f"model not found: {path}")
-    if path.is_file() and path.suffix == ".pt" or path.is_dir() and (path / "model.pt").is_file() \
-            and not (path / CARD_NAME).is_file():
+    run_folder = path.is_dir() and (path / "model.pt").is_file() and not (path / CARD_NAME).is_file()
+    if (path.is_file() and path.suffix == ".pt") or run_folder:
         from graftkd.models import load_model_file
 
         model, meta = load_model_file(path)
