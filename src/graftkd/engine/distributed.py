@@ -83,6 +83,17 @@ class DistContext:
             for bucket in _buckets(bufs):
                 _average(bucket, self.world_size)
 
+    def merge_disjoint_(self, t: torch.Tensor, device: torch.device) -> None:
+        """Give every rank all of ``t`` when each element was written by exactly one rank and is zero
+        on the others (a byte-wise sum, exact for any dtype). ``device``: where the collective runs."""
+        if not self.enabled:
+            return
+        flat = t.view(torch.uint8)  # t is contiguous: a byte view of the same memory
+        buf = flat.to(device)
+        dist.all_reduce(buf)
+        if buf is not flat:
+            flat.copy_(buf)
+
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         if not self.enabled:
             return values
