@@ -23,7 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from graftkd.engine.distributed import DistContext
 from graftkd.engine.io import atomic_write_json, load_checkpoint, save_checkpoint
+from graftkd.errors import UserError
 from graftkd.teachers.ensemble import TeacherEnsemble, records_hash
 
 FORMAT = "graftkd-soft-targets-v1"
@@ -119,17 +121,21 @@ class SoftTargetCache(nn.Module):
     @classmethod
     @torch.no_grad()
     def build(cls, ensemble: TeacherEnsemble, train_set: Any, manifest: dict[str, Any], device: torch.device,
-              batch_size: int, num_workers: int = 0, dtype: torch.dtype | None = None) -> "SoftTargetCache":
-        """One pass over every (item, view): all teachers per batch, fused, stored compactly."""
+              batch_size: int, num_workers: int = 0, dtype: torch.dtype | None = None,
+              dist: DistContext | None = None) -> "SoftTargetCache":
+        """One pass over every (item, view): all teachers per batch, fused, stored compactly. Under
+        torchrun each rank computes every world_size-th (item, view) and all ranks get the whole."""
         from graftkd.engine.trainer import EpochSampler, autocast, make_loader, to_device  # engine imports methods
 
         t0 = time.perf_counter()
         n, views, c, topk = len(train_set), manifest["views"], len(manifest["classes"]), manifest["topk"]
         width = topk or c
-        values = torch.empty(n, views, width, dtype=torch.float16)
-        indices = torch.empty(n, views, width, dtype=torch.int16 if c <= 32767 else torch.int32) if topk else None
+        dist = dist or DistContext()
+        values = torch.zeros(n, views, width, dtype=torch.float16)
+        indices = torch.zeros(n, views, width, dtype=torch.int16 if c <= 32767 else torch.int32) if topk else None
         replay = _Replay(train_set, views)
-        loader = make_loader(replay, batch_size, EpochSampler(len(replay), 0, shuffle=False), num_workers, False)
+        sampler = EpochSampler(len(replay), 0, shuffle=False, rank=dist.rank, world_size=dist.world_size, pad=False)
+        loader = make_loader(replay, batch_size, sampler, num_workers, False)
         ensemble.eval()
         for batch in loader:
             b = to_device(batch, device, False)
@@ -141,18 +147,27 @@ class SoftTargetCache(nn.Module):
                 values[i, v], indices[i, v] = top.half().cpu(), idx.to(indices.dtype).cpu()
             else:
                 values[i, v] = p.half().cpu()
+        for t in (values, indices) if indices is not None else (values,):
+            dist.merge_disjoint_(t, device)
         return cls(manifest, values, indices, built=True, build_seconds=time.perf_counter() - t0)
 
     @classmethod
     def load_or_build(cls, folder: Path | None, ensemble: TeacherEnsemble, train_set: Any, manifest: dict[str, Any],
                       device: torch.device, batch_size: int, num_workers: int = 0,
-                      dtype: torch.dtype | None = None, write: bool = True) -> "SoftTargetCache":
-        """Reuse ``folder``'s cache when its manifest matches, else build it (and save if ``write``)."""
-        if folder is not None:
-            hit = cls.load(folder, manifest)
-            if hit is not None:
-                return hit
-        cache = cls.build(ensemble, train_set, manifest, device, batch_size, num_workers, dtype)
-        if folder is not None and write:
+                      dtype: torch.dtype | None = None, write: bool = True,
+                      dist: DistContext | None = None) -> "SoftTargetCache":
+        """Reuse ``folder``'s cache when its manifest matches, else build it (and save if ``write``).
+        Under torchrun rank 0 decides, a build is split across ranks and rank 0 alone saves."""
+        dist = dist or DistContext()
+        hit = cls.load(folder, manifest) if folder is not None and dist.is_main else None
+        if dist.sum([float(hit is not None)], device)[0] > 0:
+            if not dist.is_main:
+                hit = cls.load(folder, manifest) if folder is not None else None
+                if hit is None:
+                    raise UserError(f"rank {dist.rank}: the soft-target cache in {folder} is missing or stale")
+            return hit
+        cache = cls.build(ensemble, train_set, manifest, device, batch_size, num_workers, dtype, dist)
+        if folder is not None and write and dist.is_main:
             cache.save(folder)
+        dist.barrier()
         return cache

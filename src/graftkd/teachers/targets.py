@@ -12,7 +12,6 @@ from torch import nn
 
 from graftkd.config import ExperimentConfig
 from graftkd.engine.distributed import DistContext
-from graftkd.errors import UserError
 from graftkd.teachers.cache import SoftTargetCache, cache_manifest
 from graftkd.teachers.ensemble import TeacherEnsemble, load_teachers
 
@@ -47,7 +46,8 @@ def build_teacher_targets(cfg: ExperimentConfig, data: Any, run_dir: Path | None
     """Load the run's teachers and, with ``teacher_cache.enabled``, the soft-target cache.
 
     The cache switches the training set to ``teacher_cache.views`` replayable views per image.
-    Rank 0 builds or reuses ``run_dir/cache``; other ranks wait and read it.
+    Under torchrun the build is split across ranks (rank 0 saves ``run_dir/cache``); a cache rank 0
+    finds valid is read by every rank.
     """
     from graftkd.engine.trainer import autocast_dtype  # the engine imports the methods
 
@@ -65,14 +65,8 @@ def build_teacher_targets(cfg: ExperimentConfig, data: Any, run_dir: Path | None
                                   data_seed=getattr(data.train, "seed", cfg.seed), image_size=data.image_size,
                                   classes=list(data.classes))
         folder = run_dir / "cache" if run_dir is not None else None
-        if dist.is_main:
-            cache = SoftTargetCache.load_or_build(folder, ensemble, data.train, manifest, device,
-                                                  cfg.data.eval_batch_size, cfg.data.num_workers, dtype)
-        dist.barrier()
-        if not dist.is_main:
-            cache = SoftTargetCache.load(folder, manifest) if folder is not None else None
-            if cache is None:
-                raise UserError(f"rank {dist.rank}: the soft-target cache in {folder} is missing or stale")
+        cache = SoftTargetCache.load_or_build(folder, ensemble, data.train, manifest, device, cfg.data.eval_batch_size,
+                                              cfg.data.num_workers, dtype, dist=dist)
     return TeacherTargets(ensemble, temperature, standardize, cache).to(device)
 
 
