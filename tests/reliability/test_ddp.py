@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +14,11 @@ from graftkd.errors import UserError
 from graftkd.methods.supervised import Supervised
 from engine.toy import ToyNet, ToyViews
 
-from .procs import check, final_weights, run_toy
+from .cachebuild import build_all
+from .procs import check, final_weights, launch_ranks, run_toy
 from .toytrain import train
+
+CACHEBUILD = Path(__file__).with_name("cachebuild.py")
 
 GLOBAL_BATCH = 8
 
@@ -73,3 +77,17 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
     save_checkpoint(last, {k: v for k, v in state.items() if k != "format"})
     with pytest.raises(UserError, match=r"2 process\(es\), this one has 1: resume with --nproc 2"):
         Trainer(cfg, cfg.run_dir).fit(Supervised(cfg, ToyNet()), *data, resume=True)
+
+
+def test_soft_target_cache_build_is_split_across_ranks(tmp_path):
+    """Each rank fuses every 2nd (item, view); afterwards both ranks hold, and rank 0 saved, exactly
+    the single-process cache (full float16 and top-k)."""
+    ref = build_all(tmp_path / "single")
+    out = launch_ranks(CACHEBUILD, [str(tmp_path / "ddp")])
+    assert [code for code, _ in out] == [0, 0], out
+    for name, cache in ref.items():
+        saved = load_checkpoint(tmp_path / "ddp" / name / "soft_targets.pt")
+        for held in [saved] + [load_checkpoint(tmp_path / "ddp" / f"rank{r}.pt")[name] for r in (0, 1)]:
+            assert torch.equal(held["values"], cache.values), name
+            assert (held["indices"] is None) == (cache.indices is None)
+            assert cache.indices is None or torch.equal(held["indices"], cache.indices), name
