@@ -1,7 +1,7 @@
 """Data throughput: decode + augment of 700x460 PNGs without and with the decoded cache, and the
 training throughput of the demo student, on this machine's CPU.
 
-    python benchmarks/data_throughput.py [--patients 8 --images-per-patient 5] [--threads N]
+    python benchmarks/data_throughput.py [--patients 8 --images-per-patient 5] [--data-threads 1]
 
 Writes benchmarks/results/data_throughput.json (decode_img_s, cached_img_s, train_img_s + context)
 and prints a Markdown table.
@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--data-threads", type=int, default=1, help="torch threads for decode+augment (1: as in a DataLoader worker)")
+    p.add_argument("--train-threads", type=int, default=os.cpu_count(), help="torch threads for the training step")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.data_threads)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     with tempfile.TemporaryDirectory(prefix="graftkd-bench-") as tmp:
         tree = Path(tmp) / "tree"
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         cached_ds = FileDataset(records, aug, ev, seed=0, side=side, cache="memory")
         first = epoch_rate(cached_ds, 0)
         cached = epoch_rate(cached_ds, 1)
+    torch.set_num_threads(args.train_threads)
     train = train_rate(args.train_size, args.batch, args.steps)
     result = {
         "decode_img_s": round(decode, 1),
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "images": len(records), "source_size": "700x460", "augment": f"histology@{args.image_size}",
         "decode_base_side": side, "train_model": "resnet8 (graftkd.models.create_model)",
         "train_input": f"{args.batch}x3x{args.train_size}x{args.train_size}", "train_steps": args.steps,
-        "synth_generate_s": round(gen_s, 1), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "synth_generate_s": round(gen_s, 1), "data_threads": args.data_threads, "train_threads": args.train_threads,
+        "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 1),
         "torch": torch.__version__, "python": platform.python_version(),
         "command": " ".join(["python", "benchmarks/data_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
     }
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| decode + augment, first epoch filling the memory cache | {first:.1f} |")
     print(f"| augment from the decoded cache (second epoch) | {cached:.1f} |")
     print(f"| train resnet8 at {args.train_size} px, batch {args.batch} (fwd+bwd+SGD) | {train:.1f} |")
-    print(f"\nthreads {torch.get_num_threads()}, {os.cpu_count()} CPUs; wrote {args.out}")
+    print(f"\ndata threads {args.data_threads}, train threads {args.train_threads}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}; wrote {args.out}")
     return 0
 
 

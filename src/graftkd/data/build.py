@@ -145,7 +145,7 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
     info.update({
         "root": str(cfg.root) if cfg.root is not None else info.get("synthetic", {}).get("root"),
         "classes": classes, "task": cfg.task, "magnification": cfg.magnification,
-        "split": split_desc, "split_seed": split_desc["seed"], "fewshot": shot_info,
+        "split": split_desc, "split_seed": split_desc["seed"], "shots": cfg.shots, "fewshot": shot_info,
         "counts": {s: _counts(parts[s], classes) for s in SPLITS},
     })
     if len({r.group for r in records}) < len(records):  # real groups (patients): list them per split
