@@ -112,7 +112,7 @@ def _execute(cfg: ExperimentConfig, device: torch.device, dist: DistContext, res
     save_model_file(run_dir / "model.pt", student, arch=arch, num_classes=data.num_classes, classes=data.classes,
                     mean=data.mean, std=data.std, image_size=data.image_size,
                     extra={"run": str(run_dir), "method": cfg.method.name, "best_epoch": result.best_epoch,
-                           "best_phase": result.best_phase})
+                           "best_phase": result.best_phase, "model_kwargs": dict(cfg.model.kwargs)})
     for name, module in method.extra_outputs().items():
         save_model_file(run_dir / f"{name}.pt", module, arch=getattr(module, "graftkd_arch", name),
                         num_classes=data.num_classes, classes=data.classes, mean=data.mean, std=data.std,
