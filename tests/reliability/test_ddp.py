@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from graftkd.methods.supervised import Supervised
 from engine.toy import ToyNet, ToyViews
 
 from .cachebuild import build_all
-from .procs import check, final_weights, launch_ranks, run_toy
+from .procs import TOYTRAIN, check, final_weights, launch_ranks, run_toy
 from .toytrain import train
 
 CACHEBUILD = Path(__file__).with_name("cachebuild.py")
@@ -51,15 +52,16 @@ def test_ddp_reaches_single_process_weights(tmp_path):
 
 
 def test_ddp_run_killed_on_rank1_resumes_to_identical_weights(tmp_path):
-    """ToyNet with BatchNorm and Dropout: rank 1 is SIGKILLed mid-epoch, torchrun tears the group
-    down, and ``--resume`` under torchrun ends bit-identical to the uninterrupted DDP run
-    (BN running statistics are averaged across ranks before every checkpoint)."""
+    """ToyNet with BatchNorm and Dropout: rank 1 is SIGKILLed mid-epoch, the launcher tears the group
+    down (as torchrun does), and ``--resume`` on 2 ranks ends bit-identical to the uninterrupted
+    2-rank run (BN running statistics are averaged across ranks before every checkpoint)."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    check(run_toy(straight, "--batch", "4", "--epochs", "3", nproc=2))
-    p = run_toy(killed, "--batch", "4", "--epochs", "3", "--kill-rank", "1", "--kill-at-step", "14", nproc=2)
-    assert p.returncode != 0 and (killed / "killed-step-14").is_file(), p.stderr[-2000:]
+    args = ["--batch", "4", "--epochs", "3"]
+    assert [c for c, _ in launch_ranks(TOYTRAIN, [str(straight), *args])] == [0, 0]
+    out = launch_ranks(TOYTRAIN, [str(killed), *args, "--kill-rank", "1", "--kill-at-step", "14"])
+    assert out[1][0] == -signal.SIGKILL and (killed / "killed-step-14").is_file(), out
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["global_epoch"] == 2
-    check(run_toy(killed, "--batch", "4", "--epochs", "3", "--resume", nproc=2))
+    assert [c for c, _ in launch_ranks(TOYTRAIN, [str(killed), *args, "--resume"])] == [0, 0]
     a, b = final_weights(straight), final_weights(killed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
