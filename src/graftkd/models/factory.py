@@ -15,7 +15,6 @@ import difflib
 from pathlib import Path
 from typing import Any, Sequence
 
-import timm
 import torch
 from torch import nn
 
@@ -23,6 +22,7 @@ from graftkd.engine.io import load_checkpoint, save_checkpoint
 from graftkd.errors import UserError
 from graftkd.models.cifar import MODELS, count_params
 
+# timm is imported inside the functions that need it: importing it costs seconds at start-up.
 TIMM_PREFIX = "timm:"
 MODEL_FILE_NAME = "model.pt"  # inside a run folder
 
@@ -35,6 +35,7 @@ def _canonical(name: str) -> str:
 
 
 def _unknown(name: str) -> UserError:
+    import timm
     known = list(MODELS) + timm.list_models()
     close = difflib.get_close_matches(name.removeprefix(TIMM_PREFIX), known, n=5, cutoff=0.6)
     hint = f"; closest: {', '.join(close)}" if close else ""
@@ -42,6 +43,7 @@ def _unknown(name: str) -> UserError:
 
 
 def _build(name: str, num_classes: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
     if not name.startswith(TIMM_PREFIX) and name in MODELS:
         if pretrained:
             raise UserError(f"model '{name}' has no pretrained weights; pass a trained model file as checkpoint")
@@ -159,6 +161,7 @@ def list_models(pattern: str = "*") -> list[str]:
     """Our registry names (first, sorted) then timm's (sorted); a timm name shadowed by ours is
     listed as ``timm:<name>``, so every entry is a valid ``create_model`` name and exactly the
     entries in ``MODELS`` are ours."""
+    import timm
     ours = MODELS.names(pattern)
     theirs = [TIMM_PREFIX + n if n in MODELS else n for n in timm.list_models(pattern)]
     return ours + theirs
