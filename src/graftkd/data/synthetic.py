@@ -82,7 +82,7 @@ def _quantile_mask(field: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid((field - thr) * 60) * (frac.view(b, 1, 1) > 1e-3)
 
 
-def T(a: np.ndarray | float) -> torch.Tensor:
+def _f32(a: np.ndarray | float) -> torch.Tensor:
     """float32 tensor from a numpy array."""
     return torch.from_numpy(np.asarray(a, dtype=np.float32))
 
@@ -139,37 +139,37 @@ def render(params: dict[str, np.ndarray], size: tuple[int, int], mag: int, rng: 
 
     R = int(min(np.ceil((a_ax.max(initial=1.0)) * 1.5) + 1, 0.5 * min(w, h)))
     off = torch.arange(-R, R + 1, dtype=torch.float32)
-    cx, cy = T(xy[:, 0]), T(xy[:, 1])
+    cx, cy = _f32(xy[:, 0]), _f32(xy[:, 1])
     px = (cx.round()[:, None, None] + off[None, None, :]).expand(n, 2 * R + 1, 2 * R + 1)
     py = (cy.round()[:, None, None] + off[None, :, None]).expand(n, 2 * R + 1, 2 * R + 1)
     lx, ly = px - cx[:, None, None], py - cy[:, None, None]
-    ct, st = torch.cos(T(theta))[:, None, None], torch.sin(T(theta))[:, None, None]
-    u = (lx * ct + ly * st) / T(a_ax)[:, None, None]
-    v = (-lx * st + ly * ct) / T(b_ax)[:, None, None]
+    ct, st = torch.cos(_f32(theta))[:, None, None], torch.sin(_f32(theta))[:, None, None]
+    u = (lx * ct + ly * st) / _f32(a_ax)[:, None, None]
+    v = (-lx * st + ly * ct) / _f32(b_ax)[:, None, None]
     rho = torch.sqrt(u * u + v * v).clamp_min(1e-6)
     c1, s1 = u / rho, v / rho  # cos and sin of the polar angle: boundary harmonics 2, 3 without atan2
     c2, s2 = c1 * c1 - s1 * s1, 2 * c1 * s1
     c3, s3 = c1 * c2 - s1 * s2, s1 * c2 + c1 * s2
-    hm, ph = T(harm), T(phase)
+    hm, ph = _f32(harm), _f32(phase)
     edge = 1.0
     for j, (ck, sk) in enumerate(((c2, s2), (c3, s3))):
         amp_c = (hm[:, j] * torch.cos(ph[:, j]))[:, None, None]
         amp_s = (hm[:, j] * torch.sin(ph[:, j]))[:, None, None]
         edge = edge + amp_c * ck - amp_s * sk
-    sharp = (T(b_ax) / 0.7)[:, None, None]
-    speckle = 0.75 + 0.5 * T(rng.random((n, 2 * R + 1, 2 * R + 1), dtype=np.float32))
+    sharp = (_f32(b_ax) / 0.7)[:, None, None]
+    speckle = 0.75 + 0.5 * _f32(rng.random((n, 2 * R + 1, 2 * R + 1), dtype=np.float32))
     inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
-    val = torch.sigmoid((edge - rho) * sharp) * (T(dark)[:, None, None] * speckle * inside)
-    flat = (T(img)[:, None, None].long() * (h * w) + py.clamp(0, h - 1).long() * w + px.clamp(0, w - 1).long())
+    val = torch.sigmoid((edge - rho) * sharp) * (_f32(dark)[:, None, None] * speckle * inside)
+    flat = (_f32(img)[:, None, None].long() * (h * w) + py.clamp(0, h - 1).long() * w + px.clamp(0, w - 1).long())
     nuclei = torch.zeros(b * h * w).scatter_reduce_(0, flat.reshape(-1), val.reshape(-1), "amax").view(b, h, w)
     hema = hema + 1.25 * nuclei
     eosin = eosin * (1 - 0.6 * nuclei.clamp(max=1)) + 0.12 * nuclei
 
     # ---- colour: per-image stain vectors, Beer-Lambert, sensor noise
-    hv = T(params["h_vec"]).view(b, 3, 1, 1)
-    ev = T(params["e_vec"]).view(b, 3, 1, 1)
+    hv = _f32(params["h_vec"]).view(b, 3, 1, 1)
+    ev = _f32(params["e_vec"]).view(b, 3, 1, 1)
     od = hema[:, None] * hv + eosin[:, None] * ev
-    rgb = 255 * torch.exp(-od * 1.1) + T(rng.normal(0, 2.0, (b, 3, h, w)))
+    rgb = 255 * torch.exp(-od * 1.1) + _f32(rng.normal(0, 2.0, (b, 3, h, w)))
     return rgb.clamp(0, 255).round().to(torch.uint8)
 
 
