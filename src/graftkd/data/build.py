@@ -128,7 +128,8 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
     parts = {s: [r for r, a in zip(records, assign) if a == s] for s in SPLITS}
     if not parts["train"]:
         raise UserError(f"the split left no training images ({len(records)} images, {split_desc})")
-    keep, shot_info = few_shot(parts["train"], cfg.shots, cfg.max_per_group, split_desc["seed"])
+    # the split is fixed by data.split.seed; the shots drawn from it vary with the experiment seed
+    keep, shot_info = few_shot(parts["train"], cfg.shots, cfg.max_per_group, seed)
     parts["train"] = [parts["train"][i] for i in keep]
     mean, std = _preset_stats(cfg)
     aug = train_transform(cfg.augment, cfg.image_size, mean, std)
