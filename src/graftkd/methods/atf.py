@@ -205,7 +205,9 @@ class ATF(Method):
                       ) -> dict[str, Any]:
         """Per teacher: val/test metrics after training, and how far it moved: relative weight
         change, validation accuracy before/after, agreement of the final student's validation
-        predictions with the teacher before (theta_0) and after adaptation."""
+        predictions with the teacher before (theta_0) and after adaptation. "After" is the teacher
+        of the selected checkpoint: best.pt holds the whole method, so the teacher is restored to
+        its state at the student's best-validation epoch."""
         out = self.predict_val(lambda x: torch.stack([self.model(x)] + [t(x) for t in self.teachers], 1))
         pred = out["logits"].argmax(-1).T.to(self.val_pred0.device)  # [1 + K, N]
         labels = out["labels"].to(pred.device)
