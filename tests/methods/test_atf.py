@@ -213,7 +213,9 @@ def test_build_train_and_report_two_adapting_teachers(tmp_path):
     Trainer(cfg, cfg.run_dir).fit(method, data.train, data.val)
     assert [s.name for s in method.phases()[0].optimizers] == ["student", "teacher0", "teacher1"]
     assert sorted(method.extra_outputs()) == ["teacher_adapted_0", "teacher_adapted_1"]
-    assert method.extra_outputs()["teacher_adapted_1"].graftkd_arch == "resnet8"
+    saved = method.extra_outputs()["teacher_adapted_1"]
+    assert saved.arch == "resnet8" and saved.module is method.teachers[1].model
+    assert (saved.mean, saved.std) == (method.teachers[1].mean, method.teachers[1].std)
     report = method.final_metrics(lambda fn, split: {"n": len(getattr(data, split))})["atf"]
     assert report["effective"] == {"lam": 1.0, "mu": 1e-3, "lr_ratio": 1.0, "teacher_every": 1,
                                    "warmup_epochs": 0, "teacher_bn": "eval"}

@@ -104,7 +104,8 @@ def test_dml_each_peer_gets_gradient_only_from_its_own_loss(tmp_path):
     method = DMLMethod(peers=[ModelConfig(name="resnet8"), ModelConfig(name="vgg8")], kd_weight=0.5)
     m, batch = _build(tmp_path, method, [])
     assert m.targets is None and set(m.extra_outputs()) == {"peer1", "peer2"}
-    assert m.extra_outputs()["peer2"].graftkd_arch == "vgg8" and m.student() is m.peers[0]
+    assert m.extra_outputs()["peer2"].arch == "vgg8" and m.extra_outputs()["peer2"].module is m.peers[2]
+    assert m.student() is m.peers[0]
     m.train()
     m.training_step(batch, _ctx(m))["loss"].backward()
     x, y = batch["image"], batch["label"]

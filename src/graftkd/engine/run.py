@@ -113,10 +113,11 @@ def _execute(cfg: ExperimentConfig, device: torch.device, dist: DistContext, res
                     mean=data.mean, std=data.std, image_size=data.image_size,
                     extra={"run": str(run_dir), "method": cfg.method.name, "best_epoch": result.best_epoch,
                            "best_phase": result.best_phase, "model_kwargs": dict(cfg.model.kwargs)})
-    for name, module in method.extra_outputs().items():
-        save_model_file(run_dir / f"{name}.pt", module, arch=getattr(module, "graftkd_arch", name),
-                        num_classes=data.num_classes, classes=data.classes, mean=data.mean, std=data.std,
-                        image_size=data.image_size, extra={"run": str(run_dir), "role": name})
+    for name, out in method.extra_outputs().items():
+        save_model_file(run_dir / f"{name}.pt", out.module, arch=out.arch, num_classes=data.num_classes,
+                        classes=data.classes, mean=out.mean or data.mean, std=out.std or data.std,
+                        image_size=data.image_size,
+                        extra={"run": str(run_dir), "role": name, "model_kwargs": dict(out.kwargs)})
     metrics: dict[str, Any] = {
         "run": str(run_dir), "method": cfg.method.name, "student": arch, "checkpoint": "model.pt (best on val)",
         "selection": {"metric": cfg.trainer.select_metric, "phase": result.best_phase, "epoch": result.best_epoch,

@@ -373,7 +373,7 @@ class Trainer:
             ctx = StepContext(phase=phase, epoch=epoch, step=step, step_in_epoch=i, steps_per_epoch=steps_per_epoch)
             with autocast(dev, self.dtype):
                 out = method.training_step(b, ctx)
-            values = {k: float(v.detach()) for k, v in out.items()}
+            values = dict(zip(out, torch.stack([v.detach().float() for v in out.values()]).tolist()))
             bad = [k for k, v in values.items() if not math.isfinite(v)]
             if bad:
                 raise TrainingDiverged(
@@ -384,8 +384,9 @@ class Trainer:
                 o.zero_grad(set_to_none=True)
             out["loss"].backward()
             self.dist.all_reduce_grads(params)
-            if tc.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            if tc.grad_clip is not None:  # per optimiser: a student's norm never scales a teacher's step
+                for o in optims:
+                    torch.nn.utils.clip_grad_norm_([p for g in o.param_groups for p in g["params"]], tc.grad_clip)
             for spec, o, s in zip(phase.optimizers, optims, scheds):
                 if (step + 1) % spec.every == 0:
                     o.step()

@@ -5,6 +5,6 @@ from graftkd.methods import kd  # noqa: F401
 from graftkd.methods import dkd  # noqa: F401
 from graftkd.methods import dml  # noqa: F401
 from graftkd.methods import graft  # noqa: F401
-from graftkd.methods.base import METHODS, Method, OptimSpec, Phase, StepContext
+from graftkd.methods.base import METHODS, ExtraOutput, Method, OptimSpec, Phase, StepContext
 
-__all__ = ["METHODS", "Method", "OptimSpec", "Phase", "StepContext"]
+__all__ = ["METHODS", "ExtraOutput", "Method", "OptimSpec", "Phase", "StepContext"]

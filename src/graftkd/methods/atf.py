@@ -48,7 +48,7 @@ from graftkd.config import ATFMethod, ExperimentConfig
 from graftkd.errors import UserError
 from graftkd.losses import divergences
 from graftkd.losses.standardize import soft_targets
-from graftkd.methods.base import METHODS, Method, OptimSpec, Phase, StepContext
+from graftkd.methods.base import METHODS, ExtraOutput, Method, OptimSpec, Phase, StepContext
 
 # graftkd.teachers imports the engine, which imports graftkd.methods: imported where used
 if TYPE_CHECKING:
@@ -122,7 +122,6 @@ class ATF(Method):
         self.register_buffer("val_pred0", val_logits0.argmax(-1))  # [K, N]
         self.register_buffer("val_acc0", (self.val_pred0 == val_labels).float().mean(1))  # [K]
         for t in teachers:
-            t.model.graftkd_arch = t.name  # the architecture name of the saved model file
             t.model.requires_grad_(m.mode != "offline")
             if m.mode == "offline":
                 self.frozen.append(t)
@@ -192,13 +191,14 @@ class ATF(Method):
     def student(self) -> nn.Module:
         return self.model
 
-    def extra_outputs(self) -> dict[str, nn.Module]:
+    def extra_outputs(self) -> dict[str, ExtraOutput]:
         """The adapted teachers (``teacher_adapted`` or ``teacher_adapted_<k>``); none when offline."""
         if self.m.mode == "offline":
             return {}
         out = {}
         for k, t in enumerate(self.teachers):
-            out["teacher_adapted" if len(self.teachers) == 1 else f"teacher_adapted_{k}"] = t.model
+            name = "teacher_adapted" if len(self.teachers) == 1 else f"teacher_adapted_{k}"
+            out[name] = ExtraOutput(t.model, t.name, t.mean, t.std)
         return out
 
     def final_metrics(self, score: Callable[[Callable[[torch.Tensor], torch.Tensor], str], dict[str, Any]]
@@ -242,19 +242,22 @@ def build_atf(cfg: ExperimentConfig, data: Any, build_student: Callable[[], nn.M
     """ATF (or one of its comparison modes) for ``cfg.method.mode``; measures the teachers on
     validation once, before any training."""
     from graftkd.engine.run import split_predictions
-    from graftkd.teachers.ensemble import _load_one
+    from graftkd.teachers.ensemble import load_teacher
 
     m = cfg.method
     assert isinstance(m, ATFMethod)
     if not cfg.teachers:
         raise UserError("method 'atf' needs teachers: add a `teachers:` list to the config")
+    if cfg.teacher_cache.enabled:
+        raise UserError("teacher_cache.enabled = true, but ATF adapts its teachers during training, so their "
+                        "targets cannot be precomputed; set teacher_cache.enabled=false")
     if len(data.val) == 0:
         raise UserError("method 'atf' measures the teachers before and after on validation, and it is empty")
     student = build_student()
     if m.mode == "online":
         teachers = [online_peer(t.name, t.kwargs, data.num_classes, data.mean, data.std) for t in cfg.teachers]
     else:
-        teachers = [_load_one(t, i, list(data.classes), tuple(data.mean), tuple(data.std))
+        teachers = [load_teacher(t, i, list(data.classes), tuple(data.mean), tuple(data.std))
                     for i, t in enumerate(cfg.teachers)]
 
     def predict_val(fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -42,6 +42,18 @@ class Phase:
 
 
 @dataclass
+class ExtraOutput:
+    """A network saved beside the student as ``<name>.pt``: its architecture name (so
+    ``create_model`` rebuilds it) and its input normalisation (None: the data's)."""
+
+    module: nn.Module
+    arch: str
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class StepContext:
     phase: Phase
     epoch: int  # epoch within the phase, from 0
@@ -76,7 +88,7 @@ class Method(nn.Module):
     def student(self) -> nn.Module:
         raise NotImplementedError
 
-    def extra_outputs(self) -> dict[str, nn.Module]:
+    def extra_outputs(self) -> dict[str, ExtraOutput]:
         """Other networks worth saving beside the student (adapted teacher, DML peers)."""
         return {}
 

@@ -17,7 +17,7 @@ from torch import nn
 from graftkd.config import DMLMethod, ExperimentConfig
 from graftkd.errors import UserError
 from graftkd.losses import dml_loss, kd_loss_from_probs
-from graftkd.methods.base import METHODS, Method, Phase, StepContext, single_phase
+from graftkd.methods.base import METHODS, ExtraOutput, Method, Phase, StepContext, single_phase
 from graftkd.methods.kd import agreement
 from graftkd.models import count_params, create_model
 from graftkd.teachers.targets import Score, TeacherTargets, build_teacher_targets, teachers_report
@@ -25,7 +25,7 @@ from graftkd.teachers.targets import Score, TeacherTargets, build_teacher_target
 
 class DML(Method):
     def __init__(self, cfg: ExperimentConfig, peers: list[nn.Module], names: list[str],
-                 targets: TeacherTargets | None) -> None:
+                 targets: TeacherTargets | None, peer_kwargs: list[dict[str, Any]] | None = None) -> None:
         super().__init__()
         m = cfg.method
         assert isinstance(m, DMLMethod)
@@ -36,6 +36,7 @@ class DML(Method):
         self.cfg, self.m = cfg, m
         self.peers = nn.ModuleList(peers)
         self.names = names
+        self.peer_kwargs = peer_kwargs or [{} for _ in peers]
         self.targets = targets
         if targets is not None:
             self.frozen = [targets]
@@ -69,8 +70,9 @@ class DML(Method):
     def student(self) -> nn.Module:
         return self.peers[0]
 
-    def extra_outputs(self) -> dict[str, nn.Module]:
-        return {f"peer{k}": self.peers[k] for k in range(1, len(self.peers))}
+    def extra_outputs(self) -> dict[str, ExtraOutput]:
+        return {f"peer{k}": ExtraOutput(self.peers[k], self.names[k], kwargs=self.peer_kwargs[k])
+                for k in range(1, len(self.peers))}
 
     def final_metrics(self, score: Score) -> dict[str, Any]:
         report: dict[str, Any] = teachers_report(self.targets.ensemble, score) if self.targets is not None else {}
@@ -91,7 +93,7 @@ def build_dml(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: Any
     for pc in m.peers:
         peer = create_model(pc.name, num_classes=data.num_classes, pretrained=pc.pretrained, checkpoint=pc.checkpoint,
                             **pc.kwargs)
-        peer.graftkd_arch = pc.name
         peers.append(peer)
     targets = build_teacher_targets(cfg, data, run_dir, device, dist, m.temperature, False) if cfg.teachers else None
-    return DML(cfg, peers, [cfg.model.name] + [pc.name for pc in m.peers], targets)
+    return DML(cfg, peers, [cfg.model.name] + [pc.name for pc in m.peers], targets,
+               [dict(cfg.model.kwargs)] + [dict(pc.kwargs) for pc in m.peers])

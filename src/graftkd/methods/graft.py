@@ -334,6 +334,9 @@ def build_graft(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: A
                 dist: Any, **_: Any) -> Graft:
     opts = cfg.method
     assert isinstance(opts, GraftMethod)
+    if cfg.teacher_cache.enabled and opts.target != "fused":
+        raise UserError(f"teacher_cache.enabled = true, but method.target = '{opts.target}' does not use the "
+                        f"fused teacher targets; set teacher_cache.enabled=false")
     targets = build_teacher_targets(cfg, data, run_dir, device, dist, opts.temperature, False)
     k = len(targets.ensemble)
     host = int(targets.ensemble.val_acc.argmax()) if opts.host is None else opts.host

@@ -129,7 +129,8 @@ class TeacherEnsemble(nn.Module):
 
 
 # -------------------------------------------------------------------------------------- loading
-def _load_one(cfg: TeacherConfig, i: int, classes: list[str], data_mean: Stats, data_std: Stats) -> Teacher:
+def load_teacher(cfg: TeacherConfig, i: int, classes: list[str], data_mean: Stats, data_std: Stats) -> Teacher:
+    """Teacher i from its config: a `graftkd train` model file or a timm pretrained model, class list checked."""
     from graftkd.models import create_model, load_model_file
 
     if cfg.checkpoint is not None:
@@ -188,7 +189,7 @@ def load_teachers(cfgs: Sequence[TeacherConfig], data: Any, device: torch.device
     """
     if not cfgs:
         raise UserError("this method needs teachers: add a `teachers:` list to the config")
-    teachers = [_load_one(c, i, list(data.classes), tuple(data.mean), tuple(data.std)) for i, c in enumerate(cfgs)]
+    teachers = [load_teacher(c, i, list(data.classes), tuple(data.mean), tuple(data.std)) for i, c in enumerate(cfgs)]
     for t in teachers:
         t.to(device)
     key = hashlib.sha256(json.dumps([[t.describe() for t in teachers], records_hash(data.val.records),
