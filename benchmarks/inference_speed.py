@@ -1,13 +1,14 @@
 """CPU inference throughput: the exported student (onnxruntime) vs PyTorch eager vs the teacher ensemble.
 
-    python benchmarks/inference_speed.py [--num-classes 100] [--image-size 32] [--threads 2]
+    python benchmarks/inference_speed.py [--num-classes 100] [--image-size 32] [--threads 1]
                                          [--repeats 5] [--min-time 1.0]
                                          [--work runs/bench_inference_speed]
                                          [--out benchmarks/results/inference_speed.json]
 
 The student (resnet8x4) is saved as a graftkd model file (random weights: speed does not depend on
 them), exported with ``graftkd.export.export_model(..., formats=("safetensors", "onnx"))`` and
-loaded back with ``graftkd.export.load_exported`` (``backend="onnx"``: onnxruntime CPU;
+loaded back with ``graftkd.export.load_exported`` (``backend="onnx"``: onnxruntime CPU, its session given
+``intra_op_num_threads = --threads`` like torch;
 ``backend="torch"``: PyTorch eager from the safetensors file, fp32, ``inference_mode``). The
 teacher ensemble is resnet32x4 + wrn_40_2 + vgg13 run one after the other on the same batch and
 fused as the mean of their softmax (``graftkd.eval.latency``'s ensemble forward), fp32; the
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-sizes", default="1,64")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_inference_speed")
@@ -97,7 +98,25 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     written = export_model(model_file, formats=("safetensors", "onnx"), out_dir=args.work / "export")
     export_s = time.perf_counter() - t0
-    onnx_pred, card = load_exported(written["onnx"], backend="onnx")
+    import graftkd.export as gexport
+
+    make_session = gexport.onnx_session
+
+    def session_with_threads(data: Any) -> Any:  # onnxruntime gets the same thread count as torch
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = args.threads
+        opts.inter_op_num_threads = 1
+        src = data if isinstance(data, bytes) else str(data)
+        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+    gexport.onnx_session = session_with_threads
+    try:
+        onnx_pred, card = load_exported(written["onnx"], backend="onnx")
+    finally:
+        gexport.onnx_session = make_session
     torch_pred, _ = load_exported(written["safetensors"], backend="torch")
     teachers = [create_model(t, args.num_classes).eval() for t in TEACHERS]
     student_bf16 = create_model(STUDENT, args.num_classes).eval()
