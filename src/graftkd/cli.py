@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"graftkd {args.command}: error{_rank_tag()}: {one_line(str(e))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"graftkd {args.command}: interrupted", file=sys.stderr)
         return 130
