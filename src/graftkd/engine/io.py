@@ -5,6 +5,7 @@ the target: a crash or a full disk mid-way leaves the previous file intact.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -83,6 +84,23 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Rows of a run's ``log.csv`` with numbers parsed and empty cells dropped ([] if absent)."""
+    if not Path(path).is_file():
+        return []
+    with Path(path).open(newline="") as f:
+        return [{k: _parse_number(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+
+
+def _parse_number(v: str) -> Any:
+    for t in (int, float):
+        try:
+            return t(v)
+        except ValueError:
+            pass
+    return v
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:

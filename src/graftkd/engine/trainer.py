@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from graftkd.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, TrainerConfig
 from graftkd.engine.distributed import DistContext
-from graftkd.engine.io import atomic_write_text, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from graftkd.engine.io import (atomic_write_text, load_checkpoint, read_log, remove_stale_temporaries,
+                               save_checkpoint)
 from graftkd.errors import UserError
 from graftkd.methods.base import Method, OptimSpec, Phase, StepContext
 
@@ -234,14 +235,7 @@ class Trainer:
             self._tb.flush()
 
     def _read_history(self, upto_global_epoch: int) -> None:
-        path = self.run_dir / "log.csv"
-        if not path.is_file():
-            return
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        for r in rows:
-            if int(r["global_epoch"]) < upto_global_epoch:
-                self.history.append({k: _num(v) for k, v in r.items() if v != ""})
+        self.history += [r for r in read_log(self.run_dir / "log.csv") if r["global_epoch"] < upto_global_epoch]
 
     # ------------------------------------------------------------------------------ checkpoints
     def _save_last(self, method: Method, state: dict[str, Any]) -> None:
@@ -431,12 +425,3 @@ def synced_buffers(method: Method) -> list[torch.Tensor]:
     """Buffers rank 0 broadcasts at a phase start: all but those of frozen modules (teachers)."""
     frozen = {id(b) for m in method.frozen for b in m.buffers()}
     return [b for b in method.buffers() if id(b) not in frozen]
-
-
-def _num(v: str) -> Any:
-    for t in (int, float):
-        try:
-            return t(v)
-        except ValueError:
-            pass
-    return v

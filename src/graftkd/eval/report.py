@@ -8,7 +8,6 @@ and also saved under ``plots/``. Inputs are the run folder's ``config.yaml``, ``
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -19,7 +18,7 @@ from typing import Any, Sequence
 import yaml
 from matplotlib.figure import Figure
 
-from graftkd.engine.io import atomic_write_bytes, atomic_write_text
+from graftkd.engine.io import atomic_write_bytes, atomic_write_text, read_log
 from graftkd.errors import UserError
 
 SPLITS = ("val", "test")
@@ -40,15 +39,6 @@ class RunData:
         self.name = self.path.name
 
 
-def _num(v: str) -> Any:
-    for t in (int, float):
-        try:
-            return t(v)
-        except ValueError:
-            pass
-    return v
-
-
 def load_run(path: str | Path) -> RunData:
     """Read config.yaml, log.csv (optional) and metrics.json of a run folder."""
     path = Path(path)
@@ -59,10 +49,7 @@ def load_run(path: str | Path) -> RunData:
     except json.JSONDecodeError as e:
         raise UserError(f"{path / 'metrics.json'}: not valid JSON ({e.msg} at line {e.lineno})") from None
     config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
-    log: list[dict[str, Any]] = []
-    if (path / "log.csv").is_file():
-        with (path / "log.csv").open(newline="") as f:
-            log = [{k: _num(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+    log = read_log(path / "log.csv")
     return RunData(path, config or {}, log, metrics)
 
 
