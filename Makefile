@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/graftkd demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs
