@@ -1,0 +1,190 @@
+"""Write BENCHMARKS.md from the JSON figures in benchmarks/results/ (no number is typed by hand).
+
+    python benchmarks/render_md.py
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def load(name: str) -> Any | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def table(head: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def pct(mean: float, sd: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
+
+
+def seeds_text(seeds: int | list[int]) -> str:
+    return f"{seeds} seeds" if isinstance(seeds, int) else f"seeds {', '.join(map(str, seeds))}"
+
+
+def context_line(ctx: dict[str, Any], keys: list[str]) -> str:
+    return "; ".join(f"{k} {ctx[k]}" for k in keys if k in ctx)
+
+
+def section_data(d: dict[str, Any]) -> str:
+    return "\n".join([
+        "## Data pipeline (issue 3)", "",
+        f"Command: `{d['command']}`. {d['images']} PNGs of {d['source_size']}, augmented with "
+        f"`{d['augment']}`; decode/augment on {d['data_threads']} thread (one DataLoader worker), training "
+        f"on {d['train_threads']} threads; 1-minute load average during the run {d.get('load_avg_1m')}.", "",
+        table(["measure", "images/s"], [
+            ["decode + augment, no cache (`decode_img_s`)", d["decode_img_s"]],
+            ["augment from the decoded cache (`cached_img_s`)", d["cached_img_s"]],
+            [f"demo-sized student training, {d['train_model']} on {d['train_input']} (`train_img_s`)", d["train_img_s"]],
+        ]),
+        "",
+        "Decoding is not the bottleneck when decode+augment (one worker) runs faster than the student "
+        "consumes images; the decoded cache removes PNG decoding from every epoch after the first.",
+    ])
+
+
+def section_multi_teacher(d: dict[str, Any]) -> str:
+    c = d["context"]
+    return "\n".join([
+        "## Cost of K teachers, live and cached (issue 4)", "",
+        f"Command: `{c['command']}`. Student {c['student']}, teachers {', '.join(c['teachers'])}, "
+        f"{c['train_images']} training images at {c['image_size']} px, batch {c['batch_size']}, "
+        f"{c['threads']} thread(s), {c['views']} cached views, {c['repeats']} interleaved rounds (median of per-round ratios).", "",
+        table(["variant", "seconds/epoch (ratio to the student alone)"], [
+            ["student alone", f"{d['student_s_per_epoch']:.2f} s (1.00)"],
+            ["KD, 1 teacher live", f"{d['ratio_live_k1']:.2f}"],
+            ["KD, 2 teachers live", f"{d['ratio_live_k2']:.2f}"],
+            ["KD, 4 teachers live", f"{d['ratio_live_k4']:.2f}"],
+            ["KD, 4 teachers cached", f"{d['ratio_cached_k4']:.2f}"],
+            ["cache build (once, 4 teachers)", f"{d['cache_build_s']:.1f} s"],
+        ]),
+        "", f"Target: cached K=4 within 1.15x of the student alone: "
+            f"{'met' if d['ratio_cached_k4'] <= 1.15 else 'NOT met'} ({d['ratio_cached_k4']:.2f}x).",
+    ])
+
+
+def section_fewshot(rows: list[dict[str, Any]]) -> str:
+    shots = sorted({r["shots"] for r in rows if r.get("shots") is not None})
+    methods: list[str] = []
+    for r in rows:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    cell = {(r["method"], r["shots"]): pct(r["mean"], r["sd"]) for r in rows}
+    cmd = next((r["command"] for r in rows if "command" in r), "python benchmarks/fewshot.py --threads 1")
+    return "\n".join([
+        "## Few-shot grafting with multi-teacher soft targets (issue 5)", "",
+        f"Test accuracy (%) of the validation-selected student, mean ± sd over {seeds_text(rows[0]['seeds'])}; "
+        f"synthetic histology, patient split, binary task; three teachers (resnet20, resnet32, resnet56) trained "
+        f"once on the full training split; `teacher_best` and `ensemble` are those teachers on the same test "
+        f"patients. Command: `{cmd}`.", "",
+        table(["method"] + [f"{n} shots/class" for n in shots],
+              [[m] + [cell.get((m, n), "-") for n in shots] for m in methods]),
+        "",
+        "Best student per shot count (highest mean): " + "; ".join(
+            f"{n} shots: {best['method']} {pct(best['mean'], best['sd'])}" for n in shots
+            for best in [max((r for r in rows if r["shots"] == n and r["method"] not in ("teacher_best", "ensemble")),
+                             key=lambda r: r["mean"])])
+        + ". With 80 test images per seed, differences smaller than about one sd are not significant.",
+    ])
+
+
+def section_atf(rows: list[dict[str, Any]]) -> str:
+    cmd = next((r["command"] for r in rows if "command" in r), "python benchmarks/atf.py")
+    return "\n".join([
+        "## Adaptive Teacher Finetune and the offline/online comparison (issue 6)", "",
+        f"Test accuracy (%) of the validation-selected student (or, in the rows so marked, of the "
+        f"adapted teacher), mean ± sd over {seeds_text(rows[0]['seeds'])}; synthetic histology, same student, same epochs. "
+        f"Command: `{cmd}`.", "",
+        table(["method", "test accuracy", "per seed"],
+              [[r["method"], pct(r["mean"], r["sd"]), ", ".join(f"{100 * v:.1f}" for v in r.get("values", []))]
+               for r in rows]),
+    ])
+
+
+def section_latency(d: dict[str, Any]) -> str:
+    p = d["profiles"]
+    rows = [[name, f"{v['params']:,}", f"{v['macs'] / 1e6:.1f}", f"{v['size_bytes'] / 1e6:.2f}", v["ms_b1"], v["ms_b64"]]
+            for name, v in p.items()]
+    return "\n".join([
+        "## Latency and size: teachers, ensemble, student (issue 7)", "",
+        f"Command: `{d['command']}`. {d['image_size']} px, {d['num_classes']} classes, {d['threads']} threads, "
+        f"median of {d['repeats']} timed runs after warm-up.", "",
+        table(["network", "params", "MMACs", "size (MB)", "ms, batch 1", "ms, batch 64"], rows),
+        "", f"Student speed-up over the 3-teacher ensemble: {d['speedup_b1']:.1f}x at batch 1, "
+            f"{d['speedup_b64']:.1f}x at batch 64.",
+    ])
+
+
+def section_vs_torchdistill(d: dict[str, Any]) -> str:
+    c = d["context"]
+    return "\n".join([
+        "## One KD epoch against torchdistill (issue 9)", "",
+        f"Command: `{c['command']}`. {c['teacher']} -> {c['student']}, {c['num_classes']} classes, "
+        f"{c['train_images']} CIFAR-shaped images, batch {c['batch_size']}, {c['threads']} thread(s) in both, same "
+        f"augmentation; torchdistill {c['torchdistill']} and graftkd measured in one run, interleaved.", "",
+        table(["variant", "images/s", "ratio to torchdistill"], [
+            ["torchdistill (fp32, its documented vision setting)", d["torchdistill_img_s"], "1.00"],
+            ["graftkd, fp32 (like for like)", d["graftkd_fp32_img_s"], f"{d['ratio_fp32']:.2f}"],
+            [f"graftkd, {d['graftkd_best_settings']} (best settings)", d["graftkd_img_s"], f"{d['ratio_live']:.2f}"],
+            ["graftkd with the soft-target cache", d["graftkd_cached_img_s"], f"{d['ratio_cached']:.2f}"],
+        ]),
+        "", f"Targets: graftkd live at least as fast ({'met' if d['ratio_live'] >= 1 else 'NOT met'}), cached at "
+            f"least 2x ({'met' if d['ratio_cached'] >= 2 else 'NOT met'}).",
+    ])
+
+
+def section_inference(d: dict[str, Any]) -> str:
+    rows = []
+    for name, by_batch in d["img_s"].items():
+        rows.append([name] + [f"{by_batch[b]['img_s']} ({by_batch[b]['speedup_vs_ensemble_fp32']}x)"
+                              for b in sorted(by_batch)])
+    batches = sorted(next(iter(d["img_s"].values())))
+    ctx = d.get("context", {})
+    return "\n".join([
+        "## Inference: exported student (onnxruntime) vs PyTorch vs the teacher ensemble (issue 9)", "",
+        f"Command: `{ctx.get('command', 'python benchmarks/inference_speed.py')}`. "
+        + context_line(ctx, ["student", "teachers", "image_size", "threads"]), "",
+        table(["network / runtime"] + [f"images/s, {b} (speed-up vs ensemble)" for b in batches], rows),
+    ])
+
+
+SECTIONS: list[tuple[str, Callable[[Any], str]]] = [
+    ("data_throughput", section_data),
+    ("multi_teacher", section_multi_teacher),
+    ("fewshot", section_fewshot),
+    ("atf", section_atf),
+    ("latency", section_latency),
+    ("vs_torchdistill", section_vs_torchdistill),
+    ("inference_speed", section_inference),
+]
+
+
+def main() -> None:
+    parts = ["# Benchmarks", "",
+             "Every figure below is read from `benchmarks/results/<name>.json`, written by the command given "
+             "with it; this page is generated by `python benchmarks/render_md.py`. Machine: 2 CPU cores "
+             "(AMD EPYC Zen 4), no GPU. Speed figures are ratios measured within one run; absolute times "
+             "depend on the load of the machine at the time (recorded in each JSON).", ""]
+    missing = []
+    for name, render in SECTIONS:
+        data = load(name)
+        if data is None:
+            missing.append(name)
+            continue
+        parts += [render(data), ""]
+    if missing:
+        parts += ["## Not measured", "", "No results yet for: " + ", ".join(missing) + ".", ""]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
