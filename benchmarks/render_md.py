@@ -93,7 +93,7 @@ def section_fewshot(rows: list[dict[str, Any]]) -> str:
             f"{n} shots: {best['method']} {pct(best['mean'], best['sd'])}" for n in shots
             for best in [max((r for r in rows if r["shots"] == n and r["method"] not in ("teacher_best", "ensemble")),
                              key=lambda r: r["mean"])])
-        + ". With 80 test images per seed, differences smaller than about one sd are not significant.",
+        + ". The test split holds a handful of patients, so differences within about one sd are not significant.",
     ])
 
 
