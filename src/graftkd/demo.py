@@ -156,7 +156,8 @@ def run_demo(quick: bool = False, data_root: str | None = None, out: str | Path 
     table = format_table(rows, lat["ensemble"]["ms_b64"] if "ensemble" in lat else None)
     atomic_write_text(out / "summary.md", table + "\n")
     atomic_write_json(out / "summary.json", {"rows": rows, "best_student": best, "export": {k: str(v) for k, v in written.items()},
-                                             "seconds": round(time.perf_counter() - t_all, 1), "quick": quick})
+                                             "seconds": round(time.perf_counter() - t_all, 1), "quick": quick,
+                                             "command": "graftkd demo" + (" --quick" if quick else "")})
     print()
     print(table)
     print()
