@@ -92,9 +92,10 @@ def run_demo(quick: bool = False, data_root: str | None = None, out: str | Path 
     """Run the pipeline; prints progress lines, the summary table and where everything is."""
     from graftkd.engine.io import atomic_write_json, atomic_write_text
     from graftkd.engine.run import execute, read_metrics
-    from graftkd.eval.commands import evaluate
+    from graftkd.eval.latency import latency_entry, profile_model
     from graftkd.eval.report import write_report
     from graftkd.export import export_model
+    from graftkd.models import load_model_file
 
     if data_root is not None and not Path(data_root).is_dir():
         raise UserError(f"--data {data_root}: no such folder (point it at an unpacked BreaKHis_v1)")
@@ -119,6 +120,7 @@ def run_demo(quick: bool = False, data_root: str | None = None, out: str | Path 
 
     shots = {"data": {"shots": spec["student_shots"]}, "model": {"name": spec["student_model"]}}
     students: dict[str, Path] = {}
+    student_teachers: dict[str, list[dict[str, Any]]] = {}
     for name, section in spec["students"].items():
         section = deep_merge(shots, section)
         choice = section.pop("teachers", None)
@@ -128,24 +130,35 @@ def run_demo(quick: bool = False, data_root: str | None = None, out: str | Path 
         if host is not None:
             section["method"]["host"] = [t["checkpoint"] for t in section["teachers"]].index(teachers[host]["model"])
         students[name] = stage(f"student_{name}", section)
+        student_teachers[name] = section.get("teachers", [])
 
-    # latency of every student, each teacher and the ensemble; written into each run's metrics.json
-    rows: list[dict[str, Any]] = []
+    # latency of every student, each teacher and the ensemble, each network profiled once; written
+    # into each student run's metrics.json in the layout of `graftkd evaluate --latency`
     repeats = 3 if quick else 20
-    _, mt = evaluate(students["mt_kd"], splits=("val", "test"), latency=True, repeats=repeats)
-    lat = mt["latency"]
-    for t, entry in zip(teachers, lat.get("teachers", [])):
-        rows.append(_row(f"teacher {t}", read_metrics(teachers[t]["run"]), entry))
-    ens = mt.get("ensemble")
-    if ens is not None:
-        rows.append({**_row("ensemble (accuracy-weighted)", {"val": ens["val"], "test": ens["test"]}, lat["ensemble"]),
-                     "model": "teacher ensemble"})
-    for name, run in students.items():
-        _, m = (evaluate(run, splits=("val", "test"), latency=True, repeats=repeats) if name != "mt_kd"
-                else (run, mt))
-        rows.append(_row(f"student {name} ({spec['student_model']})", m, m["latency"]["student"]))
+    size = spec["base"]["data"]["image_size"]
+    by_checkpoint = {t["model"]: (t["arch"], load_model_file(t["model"])[0]) for t in teachers.values()}
+    profiles: dict[tuple[int, ...], dict[str, Any]] = {}
 
-    best = max(students, key=lambda n: read_metrics(students[n])["val"]["accuracy"])
+    def profile(model: Any, image_size: int, repeats: int) -> dict[str, Any]:
+        key = tuple(id(m) for m in (model if isinstance(model, list) else [model]))
+        if key not in profiles:
+            profiles[key] = profile_model(model, image_size, repeats=repeats)
+        return profiles[key]
+
+    metrics: dict[str, dict[str, Any]] = {}
+    for name, run in students.items():
+        m = read_metrics(run)
+        run_teachers = [by_checkpoint[t["checkpoint"]] for t in student_teachers[name]]
+        m["latency"] = latency_entry(load_model_file(run / "model.pt")[0], run_teachers, size, repeats, profile)
+        atomic_write_json(run / "metrics.json", m)
+        metrics[name] = m
+    mt = metrics["mt_kd"]
+    rows = [_row(f"teacher {t}", read_metrics(teachers[t]["run"]), entry)
+            for t, entry in zip(teachers, mt["latency"]["teachers"])]
+    rows.append(_row("teacher ensemble", mt["ensemble"], mt["latency"]["ensemble"]))
+    rows += [_row(f"student {name} ({spec['student_model']})", m, m["latency"]["student"]) for name, m in metrics.items()]
+
+    best = max(students, key=lambda n: metrics[n]["val"]["accuracy"])
     export_dir = out / "export"
     # --quick uses the TorchScript exporter (under a second); the full demo the dynamo one (~20 s)
     written = export_model(students[best], formats=("safetensors", "onnx"), out_dir=export_dir,
@@ -153,7 +166,7 @@ def run_demo(quick: bool = False, data_root: str | None = None, out: str | Path 
     report = write_report([t["run"] for t in teachers.values()] + list(students.values()), out / "report.html")
     for run in students.values():
         write_report([run])
-    table = format_table(rows, lat["ensemble"]["ms_b64"] if "ensemble" in lat else None)
+    table = format_table(rows, mt["latency"]["ensemble"]["ms_b64"])
     atomic_write_text(out / "summary.md", table + "\n")
     atomic_write_json(out / "summary.json", {"rows": rows, "best_student": best, "export": {k: str(v) for k, v in written.items()},
                                              "seconds": round(time.perf_counter() - t_all, 1), "quick": quick,

@@ -24,18 +24,12 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 
 def _latency_entry(cfg: Any, student: Any, num_classes: int, repeats: int) -> dict[str, Any]:
     """Profiles of the student, each configured teacher and the teachers run together."""
-    from graftkd.eval.latency import profile_model
+    from graftkd.eval.latency import latency_entry
     from graftkd.models import create_model, load_model_file
 
-    size = cfg.data.image_size
-    out: dict[str, Any] = {"student": profile_model(student, size, repeats=repeats)}
-    teachers = [load_model_file(t.checkpoint)[0] if t.checkpoint is not None
-                else create_model(t.name, num_classes, **t.kwargs) for t in cfg.teachers]
-    if teachers:
-        out["teachers"] = [{"name": t.name, **profile_model(m, size, repeats=repeats)}
-                           for t, m in zip(cfg.teachers, teachers)]
-        out["ensemble"] = profile_model(teachers, size, repeats=repeats)
-    return out
+    teachers = [(t.name, load_model_file(t.checkpoint)[0] if t.checkpoint is not None
+                 else create_model(t.name, num_classes, **t.kwargs)) for t in cfg.teachers]
+    return latency_entry(student, teachers, cfg.data.image_size, repeats)
 
 
 def evaluate(target: Path, config: Path | None = None, overrides: list[str] | tuple[str, ...] = (),

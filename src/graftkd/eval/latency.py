@@ -6,7 +6,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import save_model
@@ -97,3 +97,18 @@ def profile_model(model: nn.Module | Sequence[nn.Module], image_size: int, batch
     finally:
         for m, training, dev in zip(models, states, devices):
             m.to(dev).train(training)
+
+
+Profiler = Callable[..., dict]
+
+
+def latency_entry(student: nn.Module, teachers: Sequence[tuple[str, nn.Module]], image_size: int, repeats: int = 20,
+                  profile: Profiler = profile_model) -> dict[str, Any]:
+    """The ``latency`` entry of metrics.json: the student, each teacher and the teachers run together.
+    ``profile`` defaults to ``profile_model``; a caller profiling many runs can pass a memoised one."""
+    out: dict[str, Any] = {"student": profile(student, image_size, repeats=repeats)}
+    if teachers:
+        out["teachers"] = [{"name": name, **profile(m, image_size, repeats=repeats)} for name, m in teachers]
+        out["ensemble"] = profile([m for _, m in teachers], image_size, repeats=repeats)
+    return out
+
