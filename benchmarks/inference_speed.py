@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime
 
-    from graftkd.eval.latency import count_macs, count_params
+    from graftkd.eval.latency import count_macs
+    from graftkd.models import count_params
     from graftkd.export import export_model, load_exported
     from graftkd.models import create_model, save_model_file
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": prof,
     }
     atomic_write_json(args.out, result)
-    print(f"| network | params | MMACs | size MB | ms @ b1 | ms @ b64 |\n|---|---:|---:|---:|---:|---:|")
+    print("| network | params | MMACs | size MB | ms @ b1 | ms @ b64 |\n|---|---:|---:|---:|---:|---:|")
     for name, r in prof.items():
         label = f"ensemble ({' + '.join(TEACHERS)})" if name == "ensemble" else name
         print(f"| {label} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f} | {r['size_bytes'] / 1e6:.2f} "

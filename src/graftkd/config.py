@@ -448,8 +448,3 @@ def validate_config(raw: dict, source: str = "config") -> ExperimentConfig:
 def config_to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
-
-def save_resolved(cfg: ExperimentConfig, run_dir: Path) -> Path:
-    from graftkd.engine.io import atomic_write_text
-
-    return atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from graftkd.config import ExperimentConfig, save_resolved
+from graftkd.config import ExperimentConfig
+from graftkd.engine.distributed import DistContext
+from graftkd.engine.run import save_resolved_config
 from graftkd.data.types import Record
 from graftkd.eval.metrics import evaluate_predictions
 from graftkd.models import create_model, save_model_file
@@ -32,7 +34,7 @@ def make_run(root: Path, name: str = "tiny", distill: bool = True) -> Path:
     run = root / name
     cfg = ExperimentConfig.model_validate({"name": name, "model": {"name": "resnet8"}, "data": {"image_size": IMAGE_SIZE},
                                            "output": {"dir": str(root)}})
-    save_resolved(cfg, run)
+    save_resolved_config(cfg, run, DistContext())
     torch.manual_seed(0)
     model = create_model("resnet8", num_classes=2)
     save_model_file(run / "model.pt", model, arch="resnet8", num_classes=2, classes=CLASSES, mean=MEAN, std=STD,

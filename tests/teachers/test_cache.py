@@ -1,5 +1,4 @@
 """Soft-target cache: equals the live ensemble on the same views, reused or rebuilt by manifest."""
-import pytest
 import torch
 
 from graftkd.config import FusionConfig, TeacherConfig

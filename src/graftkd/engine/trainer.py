@@ -176,12 +176,6 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, devi
     return {"logits": torch.cat(logits), "labels": torch.cat(labels), "index": torch.cat(index)}
 
 
-def accuracy_and_loss(out: dict[str, torch.Tensor]) -> dict[str, float]:
-    logits, labels = out["logits"], out["labels"]
-    return {"acc": (logits.argmax(1) == labels).float().mean().item(),
-            "loss": nn.functional.cross_entropy(logits, labels).item()}
-
-
 # -------------------------------------------------------------------------------------- trainer
 @dataclass
 class FitResult:

@@ -13,6 +13,8 @@ from safetensors.torch import save_model
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from graftkd.models import count_params
+
 
 def _as_list(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return [model] if isinstance(model, nn.Module) else list(model)
@@ -23,15 +25,6 @@ def _forward_all(models: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     if len(models) == 1:
         return models[0](x)
     return torch.stack([m(x).softmax(-1) for m in models]).mean(0)
-
-
-def count_params(model: nn.Module | Sequence[nn.Module]) -> int:
-    """Number of parameters (shared tensors counted once)."""
-    seen: dict[int, int] = {}
-    for m in _as_list(model):
-        for p in m.parameters():
-            seen[id(p)] = p.numel()
-    return sum(seen.values())
 
 
 def count_macs(model: nn.Module | Sequence[nn.Module], image_size: int, channels: int = 3) -> int:

@@ -104,17 +104,6 @@ class Method(nn.Module):
         return {}
 
 
-def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    out = []
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
-
-
 def single_phase(cfg: ExperimentConfig, params: Iterable[nn.Parameter], name: str = "train") -> list[Phase]:
     """The common case: one phase, one optimiser over ``params`` from the experiment config."""
     return [Phase(name=name, epochs=cfg.trainer.epochs,

@@ -15,7 +15,7 @@ Every ``forward`` returns logits only.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -338,7 +338,9 @@ def vgg16_graft(num_classes: int = 10, **kwargs: object) -> nn.Module:
     return NetGraftVGG(VGG16_GRAFT_CFG, num_classes=num_classes, classifier_bn=False, **kwargs)  # type: ignore[arg-type]
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (trainable or not; buffers excluded)."""
-    return sum(p.numel() for p in model.parameters())
+def count_params(model: nn.Module | Sequence[nn.Module]) -> int:
+    """Number of parameters of a network or of several together (trainable or not; buffers excluded;
+    a tensor shared between networks counted once)."""
+    models = nn.ModuleList([model] if isinstance(model, nn.Module) else list(model))
+    return sum(p.numel() for p in models.parameters())
 
