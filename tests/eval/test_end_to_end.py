@@ -5,9 +5,7 @@ import csv
 import json
 from pathlib import Path
 
-
 from graftkd.cli import main
-
 from graftkd.config import validate_config
 from graftkd.engine.run import execute
 
