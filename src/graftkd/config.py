@@ -270,7 +270,8 @@ class ScheduleConfig(Strict):
 class TrainerConfig(Strict):
     epochs: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
+                                                                       "fp32 elsewhere and with method.standardize")
     channels_last: bool = False
     grad_clip: float | None = Field(None, gt=0)
     deterministic: bool = True

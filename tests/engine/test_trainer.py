@@ -168,3 +168,21 @@ def test_lr_schedule_shapes():
     assert lr_factor(cos, 0.1, 2, 5, 0) == pytest.approx(1.0)
     assert lr_factor(cos, 0.1, 2, 5, 5) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(cos, 0.1, 2, 5, 10) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("asked,native,method,ran", [
+    ("auto", True, [], "bf16"),
+    ("auto", False, [], "fp32"),
+    ("auto", True, ["method={name: kd, standardize: true}"], "fp32"),  # Z() of tied bf16 logits
+    ("auto", True, ["method={name: atf}"], "fp32"),  # ATF standardises by default
+    ("fp32", True, [], "fp32"),
+    ("bf16", False, ["method={name: atf}"], "bf16"),  # asked for: honoured
+])
+def test_precision_auto_follows_cpu_bf16_and_standardisation(tmp_path, monkeypatch, asked, native, method, ran):
+    import graftkd.engine.trainer as T
+
+    monkeypatch.setattr(T, "cpu_native_bf16", lambda: native)
+    cfg = make_cfg(tmp_path, f"trainer.precision={asked}", *method)
+    got, why = T.resolve_precision(cfg, torch.device("cpu"))
+    assert got == ran and why
+    assert T.autocast_dtype(cfg, torch.device("cpu")) == (torch.bfloat16 if ran == "bf16" else None)

@@ -17,7 +17,7 @@ from graftkd.config import ExperimentConfig, config_to_yaml
 from graftkd.engine.distributed import DistContext, init_distributed
 from graftkd.engine.io import atomic_write_json, atomic_write_text
 from graftkd.engine.trainer import (EpochSampler, Trainer, autocast_dtype, make_loader, predict, resolve_device,
-                                    seed_everything)
+                                    resolve_precision, seed_everything)
 from graftkd.errors import UserError
 
 
@@ -52,7 +52,7 @@ def build_student_factory(cfg: ExperimentConfig, num_classes: int):
 def split_predictions(fn, dataset: Any, cfg: ExperimentConfig, device: torch.device) -> dict[str, torch.Tensor]:
     loader = make_loader(dataset, cfg.data.eval_batch_size, EpochSampler(len(dataset), 0, shuffle=False),
                          cfg.data.num_workers, False)
-    return predict(fn, loader, device, autocast_dtype(cfg.trainer, device), cfg.trainer.channels_last)
+    return predict(fn, loader, device, autocast_dtype(cfg, device), cfg.trainer.channels_last)
 
 
 def score_split(fn, dataset: Any, cfg: ExperimentConfig, device: torch.device, class_names: list[str]) -> dict[str, Any]:
@@ -125,6 +125,7 @@ def _execute(cfg: ExperimentConfig, device: torch.device, dist: DistContext, res
         "data": data.info, "train_seconds": round(train_s, 2), "world_size": dist.world_size,
         "backend": dist.backend, "global_batch": cfg.data.batch_size * dist.world_size,
         "phase_global_batch": {row["phase"]: row["global_batch"] for row in result.history},
+        "precision": dict(zip(("ran", "why"), resolve_precision(cfg, device)), asked=cfg.trainer.precision),
     }
     for split, ds in (("val", data.val), ("test", data.test)):
         metrics[split] = score_split(method.eval_logits, ds, cfg, device, data.classes)

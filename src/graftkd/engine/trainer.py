@@ -42,11 +42,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(cfg: TrainerConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA (and on CPU when asked), else None (fp32)."""
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+def cpu_native_bf16() -> bool:
+    """Whether torch reports native bf16 arithmetic on this CPU (AVX512-BF16 or AMX tiles)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(cfg: ExperimentConfig, device: torch.device) -> tuple[str, str]:
+    """``(what runs, why)``: ``"bf16"`` (autocast) or ``"fp32"``. ``trainer.precision: auto`` is bf16 on
+    CUDA with bf16 and on CPUs with native bf16, fp32 elsewhere, and fp32 for a method that
+    standardises logits: bf16 rounds close logits to a tie and Z() divides by their spread."""
+    asked = cfg.trainer.precision
+    if asked != "auto":
+        return asked, "trainer.precision"
+    if getattr(cfg.method, "standardize", False):
+        return "fp32", "auto: method.standardize (Z() of bf16-rounded logits can divide by a zero spread)"
+    if device.type == "cuda":
+        return ("bf16", "auto: CUDA with bf16") if torch.cuda.is_bf16_supported() else ("fp32", "auto: CUDA without bf16")
+    if device.type == "cpu" and cpu_native_bf16():
+        return "bf16", f"auto: CPU with native bf16 (capability {torch.backends.cpu.get_cpu_capability()})"
+    return "fp32", f"auto: {device.type} without native bf16 (capability {torch.backends.cpu.get_cpu_capability()})"
+
+
+def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``resolve_precision`` picks: bf16, or None (fp32)."""
+    return torch.bfloat16 if resolve_precision(cfg, device)[0] == "bf16" else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -195,7 +214,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.device = device or resolve_device(self.tc.device)
         self.dist = dist or DistContext()
-        self.dtype = autocast_dtype(self.tc, self.device)
+        self.dtype = autocast_dtype(cfg, self.device)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.history: list[dict[str, Any]] = []
         self._tb = None

@@ -51,7 +51,7 @@ def build_teacher_targets(cfg: ExperimentConfig, data: Any, run_dir: Path | None
     """
     from graftkd.engine.trainer import autocast_dtype  # the engine imports the methods
 
-    dtype = autocast_dtype(cfg.trainer, device)
+    dtype = autocast_dtype(cfg, device)
     ensemble = load_teachers(cfg.teachers, data, device, cfg.fusion, batch_size=cfg.data.eval_batch_size,
                              num_workers=cfg.data.num_workers, dtype=dtype,
                              run_dir=run_dir if dist.is_main else None)
