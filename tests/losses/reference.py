@@ -35,3 +35,35 @@ def alpha_beta_rows(p, q, a, b):
     """-(1/(a b)) sum [p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)], literal."""
     lam = a + b
     return -(p**a * q**b - a / lam * p**lam - b / lam * q**lam).sum(axis=1) / (a * b)
+
+
+def alphanet_rows(p, q, a, clip):
+    """AlphaNet's f-divergence (Wang et al. 2021, loss_ops.f_divergence), literal: (value, rho) per
+    class with w = p/q; a = 0: w clipped at clip, f = -log w, rho = log w - 1; a = 1: f = w log w,
+    rho = w; else w^a clipped at clip, f = (w^a - 1) / (a(a-1)), rho = w^a/a + 1/(a(a-1))."""
+    w = p / q
+    if a == 0:
+        w = np.minimum(w, clip)
+        f, rho = -np.log(w), np.log(w) - 1
+    elif a == 1:
+        f, rho = w * np.log(w), w
+    else:
+        wa = np.minimum(w**a, clip)
+        f, rho = (wa - 1) / (a * (a - 1)), wa / a + 1 / (a * (a - 1))
+    return (q * f).sum(axis=1), rho
+
+
+def alphanet_grad(p, s, T, a, clip):
+    """d/ds of AlphaNet's surrogate -sum_i stopgrad(q_i rho_i) log q_i, q = softmax(s/T):
+    -(c_j - q_j sum_i c_i) / T with c = q rho."""
+    q = softmax(s / T)
+    c = q * alphanet_rows(p, q, a, clip)[1]
+    return -(c - q * c.sum(axis=1, keepdims=True)) / T
+
+
+def alphanet_adaptive_grad(p, s, T, a_min, a_max, clip):
+    """AdaptiveLossSoft: per sample the gradient of the branch whose value is larger (a_max on ties)."""
+    q = softmax(s / T)
+    lo = alphanet_rows(p, q, a_min, clip)[0]
+    hi = alphanet_rows(p, q, a_max, clip)[0]
+    return np.where((lo > hi)[:, None], alphanet_grad(p, s, T, a_min, clip), alphanet_grad(p, s, T, a_max, clip))

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from graftkd.config import DivergenceConfig
 from graftkd.errors import UserError
 from graftkd.losses import (
     LOSSES,
@@ -30,7 +31,18 @@ from graftkd.losses import (
     standardize,
 )
 
-from .reference import S, T_LOGITS, Y, alpha_beta_rows, alpha_rows, kl_rows, softmax, zscore
+from .reference import (
+    S,
+    T_LOGITS,
+    Y,
+    alpha_beta_rows,
+    alpha_rows,
+    alphanet_adaptive_grad,
+    alphanet_grad,
+    kl_rows,
+    softmax,
+    zscore,
+)
 
 s_t = torch.tensor(S, dtype=torch.float32)
 t_t = torch.tensor(T_LOGITS, dtype=torch.float32)
@@ -220,6 +232,70 @@ def test_adaptive_alpha_is_per_sample_max():
     assert lo[0] < hi[0] and lo[1] > hi[1]  # each row takes a different branch
     got = adaptive_alpha_divergence(torch.tensor(p), torch.tensor(np.log(q)), 1.0, -1.0, 1.0, iw_clip=INF)
     close(got, np.maximum(lo, hi))
+
+
+def _grad(fn, p, s, *args):
+    st_ = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+    fn(torch.tensor(p, dtype=torch.float32), st_, *args).sum().backward()
+    return st_.grad.double().numpy()
+
+
+def _peaked(n_classes, top=3, mass=0.92):
+    p = np.full((1, n_classes), (1 - mass) / (n_classes - 1))
+    p[0, top] = mass
+    return p
+
+
+def test_alpha_gradient_issue_example_pushes_top_class_up():
+    """100 classes, teacher 0.92 on one class, uniform student, alpha 0.5, iw_clip 5: the clipped
+    weight (92^0.5 > 5) must not flip the gradient (differentiating the clipped value gave +0.30)."""
+    p, s = _peaked(100), np.zeros((1, 100))
+    assert (p[0, 3] / (1 / 100)) ** 0.5 > 5  # the top class is clipped
+    g = _grad(alpha_divergence, p, s, 1.0, 0.5, 5.0)
+    close(g, alphanet_grad(p, s, 1.0, 0.5, 5.0), rtol=1e-5, atol=1e-8)
+    kl = _grad(kl_divergence, p, s, 1.0)
+    close(kl[0, 3], -0.91)
+    assert g[0, 3] < -0.09 and np.sign(g[0, 3]) == np.sign(kl[0, 3])
+    assert (g[0, np.arange(100) != 3] > 0).all()  # and every other logit down
+
+
+# student logits whose softmax puts less than the teacher on the teacher's top class, so that class
+# has the largest p/q: a descent step must raise it for every alpha and clip
+GRAD_STUDENTS = np.array([[0.0] * 10, [2.0, -1.0, 0.5, -3.0, 1.5, 0.0, 1.0, -0.5, 0.3, 2.5],
+                          [-1.0, 4.0, 0.0, 0.5, -2.0, 1.0, 3.0, 0.0, -0.7, 0.2]])
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("a", [-1.0, 0.0, 0.5, 1.0, 2.0])
+def test_alpha_gradient_is_alphanets_at_default_clip(a, T):
+    p = np.repeat(_peaked(10), 3, axis=0)
+    clip = DivergenceConfig().iw_clip
+    g = _grad(alpha_divergence, p, GRAD_STUDENTS, T, a, clip)
+    close(g, alphanet_grad(p, GRAD_STUDENTS, T, a, clip), rtol=1e-4, atol=1e-7)
+    assert (g[:, 3] < 0).all()
+
+
+def test_adaptive_alpha_gradient_is_alphanets_at_default_clip():
+    cfg = DivergenceConfig(kind="alpha", adaptive=True)
+    p = np.concatenate([np.repeat(_peaked(10), 3, axis=0), softmax(GRAD_STUDENTS[1:2] / 3)])
+    s = np.concatenate([GRAD_STUDENTS, GRAD_STUDENTS[1:2]])
+    args = (2.0, cfg.alpha_min, cfg.alpha_max, cfg.iw_clip)
+    g = _grad(adaptive_alpha_divergence, p, s, *args)
+    close(g, alphanet_adaptive_grad(p, s, *args), rtol=1e-4, atol=1e-7)
+    assert (g[:3, 3] < 0).all()
+    # through divergence(): T^2 times the same gradient
+    kw = dict(zip(("alpha_min", "alpha_max", "iw_clip"), args[1:]))
+    g2 = _grad(lambda pp, ss: divergence("adaptive_alpha", pp, ss, 2.0, **kw), p, s)
+    close(g2, 4.0 * alphanet_adaptive_grad(p, s, *args), rtol=1e-4, atol=1e-6)
+
+
+def test_alpha_gradient_with_zero_target_probabilities_is_finite():
+    onehot = torch.tensor(np.eye(5)[Y], dtype=torch.float32)
+    for a in (-1.0, 0.0, 0.5, 1.0):
+        s = s_t.clone().requires_grad_(True)
+        alpha_divergence(onehot, s, 1.0, a, 5.0).sum().backward()
+        assert torch.isfinite(s.grad).all()
+        assert (s.grad[torch.arange(3), y_t] < 0).all()
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

@@ -42,38 +42,64 @@ def kl_divergence(target_probs: Tensor, student_logits: Tensor, T: float = 1.0) 
     return (torch.xlogy(p, p) - p * log_q).sum(-1)
 
 
+def _alphanet_grad(value: Tensor, log_q: Tensor, coef: Tensor) -> Tensor:
+    """``value`` in the forward pass, with the gradient of AlphaNet's surrogate
+    ``-sum_i stopgrad(c_i) log q_i`` (``c_i = q_i rho_i``, computed without autograd). No gradient
+    reaches the target distribution."""
+    surrogate = -(coef.detach() * log_q).sum(-1)
+    return value.detach() + (surrogate - surrogate.detach())
+
+
 @LOSSES.register("alpha")
 def alpha_divergence(
     target_probs: Tensor, student_logits: Tensor, T: float = 1.0, alpha: float = 1.0, iw_clip: float = 1e3
 ) -> Tensor:
     """AlphaNet alpha-divergence ``D_a(p||q) = 1/(a(a-1)) sum_i q_i [(p_i/q_i)^a - 1]`` per sample.
 
-    Evaluated as ``sum_i q_i f_a(r_i)`` with ``r = p/q`` and the generator
-    ``f_a(r) = (r^a - 1 - a(r - 1)) / (a(a-1)) >= 0`` (equal to the formula above since
-    sum q (r - 1) = 0), written with expm1 so that a -> 1 gives ``KL(p||q)`` and a -> 0 gives
-    ``KL(q||p)`` continuously, without cancellation; a = 0 and a = 1 are exact.
-    The importance weight ``(p/q)^a`` is clipped at ``iw_clip`` as in AlphaNet's general branch
-    (no clipping at a = 0, where the weight is 1; AlphaNet clips p/q itself there).
+    **Value** (logged, and compared by the adaptive variant): ``sum_i q_i f_a(r_i)`` with ``r = p/q``
+    and the generator ``f_a(r) = (r^a - 1 - a(r - 1)) / (a(a-1)) >= 0`` (equal to the formula above
+    since sum q (r - 1) = 0), written with expm1 so that a -> 1 gives ``KL(p||q)`` and a -> 0 gives
+    ``KL(q||p)`` continuously, without cancellation. The importance weight ``(p/q)^a`` is clipped at
+    ``iw_clip`` for a not in {0, 1}; a = 1 is the exact ``KL(p||q)`` and a = 0 the exact ``KL(q||p)``.
+
+    **Gradient** (AlphaNet's, Wang et al. 2021): that of the surrogate
+    ``-sum_i stopgrad(q_i rho_i) log q_i`` with ``rho_i = ((p_i/q_i)^a clipped at iw_clip - 1) / a``
+    (a != 0, 1), ``rho_i = log min(p_i/q_i, iw_clip)`` (a = 0) and ``rho_i = p_i/q_i - 1`` (a = 1,
+    unclipped: the KL gradient ``q - p``); rho is AlphaNet's up to a constant, which has no gradient.
+    Unclipped this is the exact gradient of ``D_a``; clipped, the weight stays positive, so the
+    student is still pulled towards the target's large classes (differentiating the clipped value
+    instead flips the sign on a clipped class). No gradient reaches ``target_probs``.
     """
     a = float(alpha)
     log_q = torch.log_softmax(student_logits.float() / T, dim=-1)
-    q = log_q.exp()
+    q = log_q.detach().exp()
     log_p, pos = _log_probs(target_probs)
-    x = torch.where(pos, log_p - log_q, torch.full_like(log_q, -math.inf))  # log r
-    if a > 0:
-        x = x.clamp(max=math.log(iw_clip) / a)
-    elif a < 0:
-        x = x.clamp(min=math.log(iw_clip) / a)
-    finite = torch.isfinite(x)
-    x = torch.where(finite, x, torch.zeros_like(x))
-    qr = (log_q + x).exp()  # q * r (= p where unclipped), without overflow of exp(x)
-    if a >= 0.5:
-        term = (qr * (_phi(x, a - 1) - 1) + q) / a
-    else:
-        term = (q * _phi(x, a) - qr + q) / (a - 1)
-    # p_i = 0 without clipping: q_i f_a(0) = q_i / a for a > 0, else +inf (kept out of autograd)
-    zero = q / a if a > 0 else torch.full_like(q, math.inf)
-    return torch.where(finite, term, zero).sum(-1)
+    with torch.no_grad():
+        log_r = torch.where(pos, log_p - log_q, torch.full_like(log_q, -math.inf))
+        x = log_r
+        if a > 0 and a != 1:
+            x = x.clamp(max=math.log(iw_clip) / a)
+        elif a < 0:
+            x = x.clamp(min=math.log(iw_clip) / a)
+        finite = torch.isfinite(x)
+        x = torch.where(finite, x, torch.zeros_like(x))
+        qr = (log_q + x).exp()  # q * r (= p where unclipped), without overflow of exp(x)
+        if a >= 0.5:
+            term = (qr * (_phi(x, a - 1) - 1) + q) / a
+        else:
+            term = (q * _phi(x, a) - qr + q) / (a - 1)
+        # p_i = 0 without clipping: q_i f_a(0) = q_i / a for a > 0, else +inf
+        zero = q / a if a > 0 else torch.full_like(q, math.inf)
+        value = torch.where(finite, term, zero).sum(-1)
+        if a == 1:
+            coef = target_probs.float() - q
+        elif a == 0:  # log r clipped above at log(iw_clip), and finite where p = 0
+            coef = q * log_r.clamp(min=math.log(torch.finfo(torch.float32).tiny), max=math.log(iw_clip))
+        else:  # where p = 0 and a > 0: (0 - 1) / a (finite in float32); a < 0 was clipped to a finite weight
+            big = torch.finfo(torch.float32).max
+            at_zero = min(max(-1.0 / a, -big), big)
+            coef = q * torch.where(finite, _phi(x, a), torch.full_like(x, at_zero))
+    return _alphanet_grad(value, log_q, coef)
 
 
 @LOSSES.register("adaptive_alpha")
@@ -85,11 +111,12 @@ def adaptive_alpha_divergence(
     alpha_max: float = 1.0,
     iw_clip: float = 5.0,
 ) -> Tensor:
-    """AlphaNet adaptive loss: per sample ``max(D_{alpha_min}, D_{alpha_max})`` (defaults from
-    AlphaNet's configs). Gradient is the exact gradient of the selected branch."""
+    """AlphaNet adaptive loss: per sample the larger of ``D_{alpha_min}`` and ``D_{alpha_max}``
+    (``alpha_max`` on ties, as AlphaNet; defaults from AlphaNet's configs), with that branch's
+    AlphaNet gradient (see ``alpha_divergence``)."""
     lo = alpha_divergence(target_probs, student_logits, T, alpha_min, iw_clip)
     hi = alpha_divergence(target_probs, student_logits, T, alpha_max, iw_clip)
-    return torch.maximum(lo, hi)
+    return torch.where(lo > hi, lo, hi)
 
 
 @LOSSES.register("alpha_beta")
