@@ -34,6 +34,8 @@ def test_train_resume_evaluate_on_image_folder(tmp_path, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["selection"]["metric"] == "val_acc" and 0 <= metrics["test"]["accuracy"] <= 1
     assert load_checkpoint(run / "checkpoints" / "last.pt")["phase_index"] == 1
+    last_row = (run / "log.csv").read_text().strip().splitlines()[-1].split(",")
+    assert metrics["phase_steps"] == {"train": metrics["steps"]} and str(metrics["steps"]) in last_row
 
     # the same command again refuses to clobber the run; --resume of a finished run is a no-op re-score
     assert main(["train", *args]) == 2

@@ -20,6 +20,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+def steps_replace_epochs(data: Any, steps: str, epochs: str, unset: Any) -> Any:
+    """Before-validation: a length given in ``steps`` clears the default of its ``epochs`` twin (to
+    ``unset``), so ``x.steps=300`` alone is enough; both given explicitly is an error (after-validation)."""
+    if isinstance(data, dict) and data.get(steps) is not None and epochs not in data:
+        return {**data, epochs: unset}
+    return data
+
+
+def check_one_length(obj: BaseModel, section: str, steps: str, epochs: str, unset: Any) -> None:
+    if getattr(obj, steps) is not None and getattr(obj, epochs) != unset:
+        raise ValueError(f"{section}.{steps} = {getattr(obj, steps)} and {section}.{epochs} = "
+                         f"{getattr(obj, epochs)}: give the length in steps or in epochs, not both "
+                         f"(set {section}.{epochs}={'null' if unset is None else unset})")
+
+
 # ----------------------------------------------------------------------------------------- data
 class SplitConfig(Strict):
     """How records are split into train/val/test. Always on groups (patients), never on images."""
@@ -144,7 +159,17 @@ class DKDMethod(Strict):
     alpha: float = Field(1.0, ge=0, description="weight of target-class KD (TCKD)")
     beta: float = Field(8.0, ge=0, description="weight of non-target-class KD (NCKD); mdistiller uses 6 or 2 for some pairs")
     warmup_epochs: int = Field(20, ge=0, description="linear ramp of the DKD term over this many epochs (0: none)")
+    warmup_steps: int | None = Field(None, ge=1, description="the ramp in optimiser steps instead (then "
+                                                             "warmup_epochs must be 0; it is, unless given)")
     standardize: bool = Field(False, description="logit standardisation Z() of teacher and student logits before /T")
+
+    _steps = model_validator(mode="before")(classmethod(lambda cls, d: steps_replace_epochs(
+        d, "warmup_steps", "warmup_epochs", 0)))
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "DKDMethod":
+        check_one_length(self, "method", "warmup_steps", "warmup_epochs", 0)
+        return self
 
 
 class DMLMethod(Strict):
@@ -187,10 +212,20 @@ class ATFMethod(Strict):
     teacher_every: int = Field(1, ge=1, description="a teacher step every N optimiser steps (not online)")
     warmup_epochs: int = Field(1, ge=0, description="epochs of plain offline KD before the teachers adapt "
                                                     "(atf, offline_joint)")
+    warmup_steps: int | None = Field(None, ge=1, description="the same warm-up in optimiser steps (then "
+                                                             "warmup_epochs must be 0; it is, unless given)")
     teacher_bn: Literal["train", "eval"] = Field(
         "eval", description="mode of a pretrained teacher on its update steps: eval = running BN statistics "
                             "used and never changed, no dropout (the frozen-teacher forward); train = batch "
                             "statistics, running statistics updated, dropout on. Peers (online) always train")
+
+    _steps = model_validator(mode="before")(classmethod(lambda cls, d: steps_replace_epochs(
+        d, "warmup_steps", "warmup_epochs", 0)))
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "ATFMethod":
+        check_one_length(self, "method", "warmup_steps", "warmup_epochs", 0)
+        return self
 
 
 class GraftStageOptim(Strict):
@@ -260,15 +295,32 @@ class OptimizerConfig(Strict):
 
 
 class ScheduleConfig(Strict):
+    """lr multiplier per optimiser step of a phase: linear warm-up, then the schedule over the rest of
+    the phase (cosine reaches ``min_lr`` at the phase's last step, epochs or steps alike)."""
+
     name: Literal["constant", "multistep", "cosine"] = "cosine"
-    warmup_epochs: int = Field(0, ge=0)
+    warmup_epochs: int = Field(0, ge=0, description="linear lr warm-up in epochs")
+    warmup_steps: int | None = Field(None, ge=1, description="linear lr warm-up in optimiser steps (instead of "
+                                                             "warmup_epochs, which must then be 0)")
     milestones: list[int] = Field(default_factory=list, description="multistep: epochs where lr *= gamma")
     gamma: float = Field(0.1, gt=0, le=1)
     min_lr: float = Field(0.0, ge=0)
 
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "ScheduleConfig":
+        check_one_length(self, "schedule", "warmup_steps", "warmup_epochs", 0)
+        return self
+
 
 class TrainerConfig(Strict):
-    epochs: int = Field(10, ge=1)
+    """How long and how a run trains. The length is ``epochs`` or ``steps`` (optimiser steps, the budget
+    to give every method of a comparison: the same number of updates whatever the batch or data size)."""
+
+    epochs: int | None = Field(10, ge=1, description="passes over the training set (None when steps is given; graft: "
+                                                  "method.stage1/stage2.epochs)")
+    steps: int | None = Field(None, ge=1, description="optimiser steps of the run instead of epochs (setting it "
+                                                      "clears the epochs default); metrics.json records the "
+                                                      "steps every run took")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
                                                                        "fp32 elsewhere and with method.standardize")
@@ -277,8 +329,20 @@ class TrainerConfig(Strict):
     deterministic: bool = True
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
     select_metric: Literal["val_acc", "val_loss"] = "val_acc"
-    eval_every: int = Field(1, ge=1)
+    eval_every: int = Field(1, ge=1, description="validate every N epochs (and at a phase's end)")
+    eval_every_steps: int | None = Field(None, ge=1, description="validate every N optimiser steps of a phase "
+                                                                 "instead (mid-epoch too; and at the phase's end)")
     progress: bool = True
+
+    _steps = model_validator(mode="before")(classmethod(lambda cls, d: steps_replace_epochs(
+        d, "steps", "epochs", None)))
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainerConfig":
+        check_one_length(self, "trainer", "steps", "epochs", None)
+        if self.steps is None and self.epochs is None:
+            raise ValueError("trainer.epochs and trainer.steps are both null: give the run's length in one of them")
+        return self
 
 
 class OutputConfig(Strict):

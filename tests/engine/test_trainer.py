@@ -161,13 +161,13 @@ def test_multi_phase_resume_across_boundary(tmp_path):
 
 def test_lr_schedule_shapes():
     cfg = load_config(None, ["schedule.name=multistep", "schedule.milestones=[2,3]", "schedule.warmup_epochs=1"])
-    f = [lr_factor(cfg.schedule, 0.1, 4, 10, k) for k in range(40)]
+    f = [lr_factor(cfg.schedule, 0.1, 40, 10, k) for k in range(40)]
     assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[19] == 1.0
     assert f[20] == pytest.approx(0.1) and f[30] == pytest.approx(0.01)
     cos = load_config(None, ["schedule.name=cosine", "schedule.min_lr=0.01"]).schedule
-    assert lr_factor(cos, 0.1, 2, 5, 0) == pytest.approx(1.0)
-    assert lr_factor(cos, 0.1, 2, 5, 5) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_factor(cos, 0.1, 2, 5, 10) == pytest.approx(0.1)
+    assert lr_factor(cos, 0.1, 10, 5, 0) == pytest.approx(1.0)
+    assert lr_factor(cos, 0.1, 10, 5, 5) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(cos, 0.1, 10, 5, 10) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("asked,native,method,ran", [
@@ -186,3 +186,57 @@ def test_precision_auto_follows_cpu_bf16_and_standardisation(tmp_path, monkeypat
     got, why = T.resolve_precision(cfg, torch.device("cpu"))
     assert got == ran and why
     assert T.autocast_dtype(cfg, torch.device("cpu")) == (torch.bfloat16 if ran == "bf16" else None)
+
+
+
+def test_step_budget_cuts_the_last_epoch_and_is_recorded(tmp_path):
+    # 48 images, batch 8: 6 steps per epoch; 15 steps = 2 full epochs + 3 steps
+    cfg = make_cfg(tmp_path, "trainer.epochs=null", "trainer.steps=15", "schedule.warmup_epochs=0",
+                   "schedule.warmup_steps=2")
+    method, result = fit(cfg)
+    assert [row["step"] for row in result.history] == [6, 12, 15]
+    assert result.steps == 15 and result.phase_steps() == {"train": 15}
+    assert result.best_step in (6, 12, 15)
+    # cosine over the 15 steps of the phase (the logged lr is the one for the next step): 0 only at the end
+    assert [row["lr"] for row in result.history] == pytest.approx(
+        [0.1 * lr_factor(cfg.schedule, 0.1, 15, 6, k) for k in (6, 12, 15)])
+    assert result.history[1]["lr"] > 0.01 and result.history[-1]["lr"] == 0.0
+
+
+def test_steps_alone_clear_the_epochs_default_and_both_are_refused():
+    assert load_config(None, ["trainer.steps=7"]).trainer.epochs is None
+    with pytest.raises(UserError, match="not both"):
+        load_config(None, ["trainer.steps=7", "trainer.epochs=3"])
+    cfg = load_config(None, ["schedule.warmup_steps=5"])
+    assert [lr_factor(cfg.schedule, 0.1, 20, 6, k) for k in (0, 4, 5)] == pytest.approx([0.2, 1.0, 1.0])
+
+
+def test_step_based_evaluation_runs_mid_epoch(tmp_path):
+    cfg = make_cfg(tmp_path, "trainer.epochs=null", "trainer.steps=14", "trainer.eval_every_steps=4")
+    seen = []
+
+    class Recording(Trainer):
+        def validate(self, method, val_set):
+            seen.append(self._step_now)
+            return super().validate(method, val_set)
+
+        def _validate_and_select(self, method, phase, epoch, step, val_set, mid_epoch):
+            self._step_now = step
+            return super()._validate_and_select(method, phase, epoch, step, val_set, mid_epoch)
+
+    _, result = fit(cfg, trainer_cls=Recording)
+    assert seen == [4, 8, 12, 14]
+    assert [row.get("val_step") for row in result.history] == [4, 12, 14]
+
+
+def test_resume_is_exact_with_a_step_budget_and_step_evaluation(tmp_path):
+    extra = ("trainer.epochs=null", "trainer.steps=20", "trainer.eval_every_steps=5")
+    straight, r1 = fit(make_cfg(tmp_path / "a", *extra))
+    cfg = make_cfg(tmp_path / "b", *extra)
+    with pytest.raises(SystemExit):
+        fit(cfg, trainer_cls=CrashAfter)
+    resumed, r2 = fit(cfg, resume=True)
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert (r1.best_step, r1.best_metric, r1.steps) == (r2.best_step, r2.best_metric, 20)
+    assert [row["step"] for row in r2.history] == [6, 12, 18, 20]

@@ -218,7 +218,7 @@ def test_build_train_and_report_two_adapting_teachers(tmp_path):
     assert (saved.mean, saved.std) == (method.teachers[1].mean, method.teachers[1].std)
     report = method.final_metrics(lambda fn, split: {"n": len(getattr(data, split))})["atf"]
     assert report["effective"] == {"lam": 1.0, "mu": 1e-3, "lr_ratio": 1.0, "teacher_every": 1,
-                                   "warmup_epochs": 0, "teacher_bn": "eval"}
+                                   "warmup_epochs": 0, "teacher_bn": "eval", "warmup_steps": None}
     method.eval()
     with torch.no_grad():
         s_pred = method.model(VAL.x).argmax(1)

@@ -121,7 +121,8 @@ def _execute(cfg: ExperimentConfig, device: torch.device, dist: DistContext, res
     metrics: dict[str, Any] = {
         "run": str(run_dir), "method": cfg.method.name, "student": arch, "checkpoint": "model.pt (best on val)",
         "selection": {"metric": cfg.trainer.select_metric, "phase": result.best_phase, "epoch": result.best_epoch,
-                      "value": result.best_metric},
+                      "step": result.best_step, "value": result.best_metric},
+        "steps": result.steps, "phase_steps": result.phase_steps(),
         "data": data.info, "train_seconds": round(train_s, 2), "world_size": dist.world_size,
         "backend": dist.backend, "global_batch": cfg.data.batch_size * dist.world_size,
         "phase_global_batch": {row["phase"]: row["global_batch"] for row in result.history},

@@ -153,9 +153,10 @@ def build_optimizer(spec: OptimSpec, lr_scale: float = 1.0) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
 
 
-def lr_factor(s: ScheduleConfig, base_lr: float, epochs: int, steps_per_epoch: int, step: int) -> float:
-    """Multiplier of the base lr after ``step`` optimiser steps (linear warm-up, then the schedule)."""
-    warm = s.warmup_epochs * steps_per_epoch
+def lr_factor(s: ScheduleConfig, base_lr: float, total_steps: int, steps_per_epoch: int, step: int) -> float:
+    """Multiplier of the base lr after ``step`` optimiser steps of a phase of ``total_steps`` steps
+    (linear warm-up, then the schedule; multistep milestones are in epochs)."""
+    warm = s.warmup_steps if s.warmup_steps is not None else s.warmup_epochs * steps_per_epoch
     if step < warm:
         return (step + 1) / warm
     epoch = step / steps_per_epoch
@@ -163,7 +164,7 @@ def lr_factor(s: ScheduleConfig, base_lr: float, epochs: int, steps_per_epoch: i
         return 1.0
     if s.name == "multistep":
         return s.gamma ** sum(epoch >= m for m in s.milestones)
-    total = max(epochs * steps_per_epoch - warm, 1)
+    total = max(total_steps - warm, 1)
     t = min((step - warm) / total, 1.0)
     floor = s.min_lr / base_lr if base_lr > 0 else 0.0
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
@@ -202,6 +203,21 @@ class FitResult:
     best_phase: str | None
     best_epoch: int | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int | None = None  # global optimiser steps done when the best weights were scored
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps the run took (all phases)."""
+        return int(self.history[-1]["step"]) if self.history else 0
+
+    def phase_steps(self) -> dict[str, int]:
+        """Optimiser steps per phase, in phase order."""
+        out: dict[str, int] = {}
+        done = 0
+        for row in self.history:
+            out[row["phase"]] = out.get(row["phase"], 0) + int(row["step"]) - done
+            done = int(row["step"])
+        return out
 
 
 class Trainer:
@@ -268,7 +284,7 @@ class Trainer:
             method.to(memory_format=torch.channels_last)
         phases = method.phases()
         start_phase, start_epoch, step = 0, 0, 0
-        best: dict[str, Any] = {"metric": None, "phase": None, "epoch": None}
+        self._best: dict[str, Any] = {"metric": None, "phase": None, "epoch": None, "step": None}
         resume_state: dict[str, Any] | None = None
         last_path = self.ckpt_dir / "last.pt"
         if resume:
@@ -290,7 +306,7 @@ class Trainer:
             except RuntimeError as e:
                 raise UserError(f"{last_path} does not match this method/model: {str(e).splitlines()[0]}") from None
             start_phase, start_epoch, step = resume_state["phase_index"], resume_state["next_epoch"], resume_state["step"]
-            best = dict(resume_state["best"])
+            self._best.update(resume_state["best"])
             torch.set_rng_state(resume_state["rng_cpu"].cpu())
             if torch.cuda.is_available() and "rng_cuda" in resume_state:
                 torch.cuda.set_rng_state_all([s.cpu() for s in resume_state["rng_cuda"]])
@@ -310,9 +326,11 @@ class Trainer:
             steps_per_epoch = len(loader)
             if steps_per_epoch == 0:
                 raise UserError(f"phase '{phase.name}': the training set is empty")
+            total = phase.total_steps(steps_per_epoch)
+            n_epochs = math.ceil(total / steps_per_epoch)
             optims = [build_optimizer(s) for s in phase.optimizers]
             scheds = [torch.optim.lr_scheduler.LambdaLR(
-                o, lambda k, s=s, o=o: lr_factor(s.schedule, s.optimizer.lr, phase.epochs, steps_per_epoch, k))
+                o, lambda k, s=s, o=o: lr_factor(s.schedule, s.optimizer.lr, total, steps_per_epoch, k))
                 for s, o in zip(phase.optimizers, optims)]
             first_epoch = 0
             if resume_state is not None and pi == start_phase:
@@ -322,34 +340,53 @@ class Trainer:
                     sc.load_state_dict(st)
                 first_epoch = start_epoch
             if first_epoch == 0 and phase.select_best:
-                best = {"metric": None, "phase": None, "epoch": None}
+                self._best = {"metric": None, "phase": None, "epoch": None, "step": None}
             params = list({id(p): p for o in optims for g in o.param_groups for p in g["params"]}.values())
             self.dist.broadcast_(params + synced_buffers(method))
 
-            for epoch in range(first_epoch, phase.epochs):
+            for epoch in range(first_epoch, n_epochs):
+                n_steps = min(steps_per_epoch, total - epoch * steps_per_epoch)
                 row = self._train_epoch(method, phase, pi, epoch, global_epoch, loader, sampler, train_set,
-                                        optims, scheds, params, step, steps_per_epoch)
+                                        optims, scheds, params, step, steps_per_epoch, n_steps, total, val_set)
                 step = row["step"]
-                if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == phase.epochs:
-                    val = self.validate(method, val_set)
-                    row.update({f"val_{k}": v for k, v in val.items()})
-                    metric = val["acc"] if tc.select_metric == "val_acc" else -val["loss"]
-                    if phase.select_best and (best["metric"] is None or metric > best["metric"]):
-                        best = {"metric": metric, "phase": phase.name, "epoch": epoch}
-                        self._save_best(method, {"phase": phase.name, "epoch": epoch, "metric": metric})
                 global_epoch += 1
                 row["global_epoch"] = global_epoch - 1
                 self._log_epoch(row)
-                if epoch + 1 < phase.epochs:
-                    self._save_last(method, self._state(pi, epoch + 1, step, global_epoch, best, optims, scheds))
-            if phase.select_best and best["phase"] == phase.name and (self.ckpt_dir / "best.pt").is_file():
+                if epoch + 1 < n_epochs:
+                    self._save_last(method, self._state(pi, epoch + 1, step, global_epoch, self._best, optims, scheds))
+            if phase.select_best and self._best["phase"] == phase.name and (self.ckpt_dir / "best.pt").is_file():
                 self.dist.barrier()
                 method.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt", map_location=dev)["model"])
-            self._save_last(method, self._state(pi + 1, 0, step, global_epoch, best, [], []))
+            self._save_last(method, self._state(pi + 1, 0, step, global_epoch, self._best, [], []))
             resume_state = None
         if self._tb is not None:
             self._tb.close()
-        return FitResult(best["metric"], best["phase"], best["epoch"], self.history)
+        best = self._best
+        return FitResult(best["metric"], best["phase"], best["epoch"], self.history, best.get("step"))
+
+    def _eval_due(self, phase_step: int, total: int, epoch: int, epoch_end: bool) -> bool:
+        """Validate after ``phase_step`` steps of the phase? Every ``eval_every_steps`` steps, else at
+        every ``eval_every``-th epoch end; always after the phase's last step."""
+        tc = self.tc
+        if phase_step == total:
+            return True
+        if tc.eval_every_steps is not None:
+            return phase_step % tc.eval_every_steps == 0
+        return epoch_end and (epoch + 1) % tc.eval_every == 0
+
+    def _validate_and_select(self, method: Method, phase: Phase, epoch: int, step: int, val_set: Any,
+                             mid_epoch: bool) -> dict[str, Any]:
+        """Score on validation and keep best.pt (mid-epoch: BN statistics averaged across ranks
+        first, as they are at every epoch end)."""
+        if mid_epoch:
+            self.dist.average_norm_buffers_(method)
+        val = self.validate(method, val_set)
+        metric = val["acc"] if self.tc.select_metric == "val_acc" else -val["loss"]
+        best = self._best
+        if phase.select_best and (best["metric"] is None or metric > best["metric"]):
+            self._best = {"metric": metric, "phase": phase.name, "epoch": epoch, "step": step}
+            self._save_best(method, {"phase": phase.name, "epoch": epoch, "step": step, "metric": metric})
+        return {**{f"val_{k}": v for k, v in val.items()}, "val_step": step}
 
     def _state(self, phase_index: int, next_epoch: int, step: int, global_epoch: int, best: dict[str, Any],
                optims: list, scheds: list) -> dict[str, Any]:
@@ -360,7 +397,10 @@ class Trainer:
 
     def _train_epoch(self, method: Method, phase: Phase, pi: int, epoch: int, global_epoch: int,
                      loader: DataLoader, sampler: EpochSampler, train_set: Any, optims: list, scheds: list,
-                     params: list, step: int, steps_per_epoch: int) -> dict[str, Any]:
+                     params: list, step: int, steps_per_epoch: int, n_steps: int, total: int,
+                     val_set: Any) -> dict[str, Any]:
+        """Train ``n_steps`` steps of epoch ``epoch`` (all of it but for a phase's cut-short last
+        epoch), validating when due; returns the epoch's log row (val_* of its last validation)."""
         tc, dev = self.tc, self.device
         sampler.set_epoch(pi, epoch)
         if hasattr(train_set, "set_epoch"):
@@ -373,11 +413,16 @@ class Trainer:
         if tc.progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps_per_epoch, desc=f"{phase.name} {epoch + 1}/{phase.epochs}", leave=False,
-                       dynamic_ncols=True)
+            bar = tqdm(total=n_steps, desc=f"{phase.name} {epoch + 1}/{math.ceil(total / steps_per_epoch)}",
+                       leave=False, dynamic_ncols=True)
+        val: dict[str, Any] = {}
+        phase_step = epoch * steps_per_epoch
         for i, batch in enumerate(loader):
+            if i == n_steps:
+                break
             b = to_device(batch, dev, tc.channels_last)
-            ctx = StepContext(phase=phase, epoch=epoch, step=step, step_in_epoch=i, steps_per_epoch=steps_per_epoch)
+            ctx = StepContext(phase=phase, epoch=epoch, step=step, step_in_epoch=i, steps_per_epoch=steps_per_epoch,
+                              phase_step=phase_step, phase_steps=total)
             with autocast(dev, self.dtype):
                 out = method.training_step(b, ctx)
             values = dict(zip(out, torch.stack([v.detach().float() for v in out.values()]).tolist()))
@@ -399,6 +444,7 @@ class Trainer:
                     o.step()
                 s.step()
             step += 1
+            phase_step += 1
             bs = int(b["image"].shape[0])
             n_seen += bs
             for k, v in values.items():
@@ -406,6 +452,11 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
+            if i + 1 < n_steps and self._eval_due(phase_step, total, epoch, False):  # mid-epoch
+                t_val = time.perf_counter()
+                val = self._validate_and_select(method, phase, epoch, step, val_set, True)
+                method.train()
+                t0 += time.perf_counter() - t_val
         if bar is not None:
             bar.close()
         self.dist.average_norm_buffers_(method)
@@ -417,6 +468,9 @@ class Trainer:
                                "global_batch": loader.batch_size * self.dist.world_size}
         row.update({f"train_{k}": v / n_all for k, v in zip(sorted(sums), totals[1:])})
         row.update({"epoch_time_s": round(elapsed, 3), "img_s": round(n_all / elapsed, 1)})
+        if self._eval_due(phase_step, total, epoch, True):
+            val = self._validate_and_select(method, phase, epoch, step, val_set, False)
+        row.update(val)
         return row
 
     def validate(self, method: Method, val_set: Any) -> dict[str, float]:

@@ -15,7 +15,8 @@ once on validation when the method is built, so the weights stay fixed; per-samp
 
 One phase, one optimiser for the student and one per teacher (lr = ratio * student lr). The step
 returns ``loss = L_S + sum_k L_k``; the stop-gradients make L_S reach only the student and L_k
-only teacher k. A teacher *update step* is a step in epoch >= ``warmup_epochs`` with
+only teacher k. A teacher *update step* is a step in epoch >= ``warmup_epochs`` (or, with
+``warmup_steps``, a step of the phase >= ``warmup_steps``) with
 ``(step + 1) % teacher_every == 0`` (the steps on which the trainer steps its optimiser); only on
 those steps does the teacher run with gradients (and, with ``teacher_bn: train``, in train mode).
 On every other step it is a frozen eval-mode teacher without gradients, so its optimiser skips it
@@ -67,6 +68,7 @@ class Effective:
     teacher_every: int
     warmup_epochs: int
     teacher_bn: str
+    warmup_steps: int | None = None
 
     @staticmethod
     def of(m: ATFMethod) -> "Effective":
@@ -75,7 +77,7 @@ class Effective:
         if m.mode == "online":
             return Effective(m.lam, 0.0, m.peer_lr_ratio, 1, 0, "train")
         lam = m.lam if m.mode == "atf" else 0.0
-        return Effective(lam, m.mu, m.lr_ratio, m.teacher_every, m.warmup_epochs, m.teacher_bn)
+        return Effective(lam, m.mu, m.lr_ratio, m.teacher_every, m.warmup_epochs, m.teacher_bn, m.warmup_steps)
 
 
 class Anchor(nn.Module):
@@ -136,11 +138,12 @@ class ATF(Method):
                                 optimizer=c.optimizer, schedule=c.schedule, name=f"teacher{k}",
                                 every=self.eff.teacher_every)
                       for k, t in enumerate(self.teachers)]
-        return [Phase(name="train", epochs=c.trainer.epochs, optimizers=specs)]
+        return [Phase(name="train", epochs=c.trainer.epochs, steps=c.trainer.steps, optimizers=specs)]
 
     def updates_teachers(self, ctx: StepContext) -> bool:
         """Whether this step is a teacher update step (see the module docstring)."""
-        return (self.m.mode != "offline" and ctx.epoch >= self.eff.warmup_epochs
+        warm = ctx.phase_step >= self.eff.warmup_steps if self.eff.warmup_steps else ctx.epoch >= self.eff.warmup_epochs
+        return (self.m.mode != "offline" and warm
                 and (ctx.step + 1) % self.eff.teacher_every == 0)
 
     def div(self, target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -30,15 +30,25 @@ class OptimSpec:
 
 @dataclass
 class Phase:
-    """A stretch of training with its own optimisers. ``select_best``: keep the best-validation
-    weights of this phase (else the last epoch's); the run's best.pt comes from ``final`` phases."""
+    """A stretch of training with its own optimisers. Its length is ``steps`` optimiser steps when
+    given (the last epoch is then cut short), else ``epochs`` passes. ``select_best``: keep the
+    best-validation weights of this phase (else the last step's); the run's best.pt comes from
+    ``final`` phases."""
 
     name: str
-    epochs: int
+    epochs: int | None
     optimizers: list[OptimSpec]
     final: bool = True
     select_best: bool = True
     batch_size: int | None = None
+    steps: int | None = None
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is None:
+            raise ValueError(f"phase '{self.name}' has neither steps nor epochs")
+        return self.epochs * steps_per_epoch
 
 
 @dataclass
@@ -60,6 +70,8 @@ class StepContext:
     step: int  # global optimiser step over the whole run
     step_in_epoch: int
     steps_per_epoch: int
+    phase_step: int = 0  # optimiser step within the phase, from 0
+    phase_steps: int = 0  # optimiser steps of the whole phase
 
 
 class Method(nn.Module):
@@ -105,8 +117,8 @@ class Method(nn.Module):
 
 
 def single_phase(cfg: ExperimentConfig, params: Iterable[nn.Parameter], name: str = "train") -> list[Phase]:
-    """The common case: one phase, one optimiser over ``params`` from the experiment config."""
-    return [Phase(name=name, epochs=cfg.trainer.epochs,
+    """The common case: one phase of the run's length, one optimiser over ``params`` from the config."""
+    return [Phase(name=name, epochs=cfg.trainer.epochs, steps=cfg.trainer.steps,
                   optimizers=[OptimSpec(params=[{"params": list(params)}], optimizer=cfg.optimizer, schedule=cfg.schedule)])]
 
 

@@ -1,7 +1,7 @@
 """Decoupled KD (methods.md I.1, II.4.2) to one teacher or a fused multi-teacher target.
 
 ``loss = ce_weight * CE(s, y) + min(epoch / warmup, 1) * mean_b (alpha TCKD + beta NCKD)``, epoch
-counted from 1 as in mdistiller. The teacher side goes through the probability path: the target
+counted from 1 as in mdistiller (with ``warmup_steps``: the phase's optimiser step from 1). The teacher side goes through the probability path: the target
 ``p = sum_k w_k softmax(Z?(z_k) / T)`` gives ``b_T = [p_y, 1 - p_y]`` and the non-target
 distribution ``p`` renormalised without class y (for one teacher this equals mdistiller's
 logit form exactly).
@@ -27,14 +27,15 @@ class DKD(TeacherStudent):
         m = cfg.method
         assert isinstance(m, DKDMethod)
         self.m = m
-        self.dkd = DKDLoss(m.alpha, m.beta, m.temperature, m.warmup_epochs, m.standardize)
+        self.dkd = DKDLoss(m.alpha, m.beta, m.temperature, m.warmup_steps or m.warmup_epochs, m.standardize)
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         logits = self.model(batch["image"])
         target = self.targets(batch)
         y = batch["label"]
         ce = F.cross_entropy(logits.float(), y)
-        dkd = self.dkd(logits, y, ctx.epoch + 1, teacher_probs=target)
+        progress = ctx.phase_step + 1 if self.m.warmup_steps else ctx.epoch + 1  # the ramp's unit
+        dkd = self.dkd(logits, y, progress, teacher_probs=target)
         return {"loss": self.m.ce_weight * ce + dkd, "ce": ce, "dkd": dkd,
                 "acc": (logits.argmax(1) == y).float().mean(), "agreement": agreement(logits, target)}
 

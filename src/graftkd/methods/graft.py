@@ -334,6 +334,9 @@ def build_graft(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: A
                 dist: Any, **_: Any) -> Graft:
     opts = cfg.method
     assert isinstance(opts, GraftMethod)
+    if cfg.trainer.steps is not None:
+        raise UserError(f"trainer.steps = {cfg.trainer.steps}: grafting's length is method.stage1.epochs and "
+                        f"method.stage2.epochs; set trainer.steps=null")
     if cfg.teacher_cache.enabled and opts.target != "fused":
         raise UserError(f"teacher_cache.enabled = true, but method.target = '{opts.target}' does not use the "
                         f"fused teacher targets; set teacher_cache.enabled=false")
