@@ -77,14 +77,33 @@ class DataConfig(Strict):
     mean: tuple[float, float, float] | None = Field(None, description="None: the source's preset")
     std: tuple[float, float, float] | None = None
     split: SplitConfig = SplitConfig()
-    shots: int | None = Field(None, ge=1, description="few-shot: N training images per class")
+    shots: int | None = Field(None, ge=1, description="few-shot: N training images per class (drawn with the "
+                                                     "experiment seed; with shots_file/shots_column: the count "
+                                                     "every class of the given set must have)")
     max_per_group: int | None = Field(None, ge=1, description="few-shot: at most M images per patient")
+    shots_file: Path | None = Field(None, description="few-shot: the exact labelled training images, one id a line "
+                                                      "(path relative to the data root as in splits.csv, or the "
+                                                      "CIFAR index), or a CSV with a 'path' or 'index' column")
+    shots_column: str | None = Field(None, description="few-shot (data.source=csv): manifest column marking the "
+                                                       "labelled training images (1/true/yes; 0/false/no/empty: not)")
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(128, ge=1)
     num_workers: int = Field(0, ge=0)
     decoded_cache: Literal["none", "memory", "mmap"] = "memory"
     on_bad_file: Literal["error", "skip"] = "error"
     synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _given_shots(self) -> "DataConfig":
+        if self.shots_file is not None and self.shots_column is not None:
+            raise ValueError("data.shots_file and data.shots_column both given: name the labelled set once")
+        if (self.shots_file is not None or self.shots_column is not None) and self.max_per_group is not None:
+            raise ValueError("data.max_per_group draws a subset; with a given labelled set "
+                             "(shots_file/shots_column) set it to null")
+        if self.shots_column is not None and self.source != "csv":
+            raise ValueError(f"data.shots_column needs data.source=csv (a manifest), not {self.source!r}; "
+                             f"use data.shots_file")
+        return self
 
 
 # --------------------------------------------------------------------------------------- models

@@ -129,6 +129,6 @@ def test_build_few_shot_only_train(synth_tree: Path) -> None:
     cfg = _cfg(synth_tree, shots=3, max_per_group=2, split=SplitConfig(train=0.5, val=0.25, test=0.25))
     b = build_data(cfg, seed=0, run_dir=None, work_dir=synth_tree.parent / "w")
     assert Counter(r.label for r in b.train.records) == {0: 3, 1: 3}
-    assert len(b.val) + len(b.test) == 64 and b.info["fewshot"]["per_class"] == {0: 3, 1: 3}
+    assert len(b.val) + len(b.test) == 64 and b.info["fewshot"]["per_class"] == {"benign": 3, "malignant": 3}
     assert b.info["counts"]["train"]["images"] == 6 and b.info["split_seed"] == 0
     assert set(b.info["groups"]["train"]).isdisjoint(b.info["groups"]["test"])

@@ -13,7 +13,7 @@ from graftkd.data.breakhis import read_breakhis
 from graftkd.data.cifar import read_cifar
 from graftkd.data.datasets import ArrayDataset, FileDataset, probe_size
 from graftkd.data.sources import read_csv_manifest, read_folder
-from graftkd.data.splits import SPLITS, assign_splits, write_splits
+from graftkd.data.splits import SPLITS, _read_csv, assign_splits, record_key, write_splits
 from graftkd.data.synthetic import ensure_tree, tree_key
 from graftkd.data.transforms import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN,
                                      IMAGENET_STD, base_side, eval_transform, train_transform)
@@ -62,6 +62,69 @@ def few_shot(records: Sequence[Record], shots: int | None, max_per_group: int | 
     short = {lab: n for lab, n in per_class.items() if shots is not None and n < shots}
     return sorted(chosen), {"shots": shots, "max_per_group": max_per_group, "seed": seed,
                             "per_class": per_class, "short": short}
+
+
+TRUE, FALSE = ("1", "true", "yes", "y"), ("0", "false", "no", "n", "")
+
+
+def read_id_file(path: Path) -> list[str]:
+    """Ids of a ``data.shots_file``: a CSV with a ``path`` or ``index`` column, else one id a line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data.shots_file not found: {path}")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+    if lines and ("," in lines[0] or lines[0] in ("path", "index")):
+        rows = _read_csv(path, ())
+        col = next((c for c in ("path", "index") if rows and c in rows[0]), None)
+        if col is None:
+            raise UserError(f"{path}: a CSV shots_file needs a 'path' or 'index' column")
+        return [r[col] for r in rows]
+    return lines
+
+
+def given_shots(records: Sequence[Record], assign: Sequence[str], cfg: DataConfig,
+                root: Path | None) -> tuple[list[Record], str]:
+    """The training records a user named (``shots_file`` ids or a truthy ``shots_column``), in
+    record order, and where they came from. Every named image must exist and be in the train split."""
+    split = {record_key(r, root): a for r, a in zip(records, assign)}
+    if cfg.shots_file is not None:
+        ids = [Path(i).as_posix() if not i.isdigit() else i for i in read_id_file(cfg.shots_file)]
+        unknown = [i for i in ids if i not in split]
+        if unknown:
+            raise UserError(f"data.shots_file {cfg.shots_file}: {len(unknown)} id(s) are not images of this data "
+                            f"set, e.g. {unknown[0]!r} (ids are paths relative to {root}, as in splits.csv)")
+        wanted, source = set(ids), f"file {cfg.shots_file}"
+    else:
+        col = cfg.shots_column
+        wanted = set()
+        for r in records:
+            value = r.meta.get("columns", {}).get(col)
+            if value is None:
+                raise UserError(f"data.shots_column = {col!r}: the manifest has no such column")
+            if value.lower() not in TRUE + FALSE:
+                raise UserError(f"data.shots_column {col!r}: value {value!r} of {record_key(r, root)} is not "
+                                f"1/true/yes or 0/false/no/empty")
+            if value.lower() in TRUE:
+                wanted.add(record_key(r, root))
+        source = f"manifest column {col!r}"
+    outside = sorted(i for i in wanted if split[i] != "train")
+    if outside:
+        raise UserError(f"data.shots ({source}): {len(outside)} labelled image(s) are not in the train split, e.g. "
+                        f"{outside[0]!r} in {split[outside[0]]}")
+    chosen = [r for r, a in zip(records, assign) if a == "train" and record_key(r, root) in wanted]
+    if not chosen:
+        raise UserError(f"data.shots ({source}) names no image")
+    return chosen, source
+
+
+def shot_report(train: Sequence[Record], classes: list[str], root: Path | None, how: dict) -> dict:
+    """``info["fewshot"]``: shots per class (and the common count, when every class has it) and the
+    training images themselves, as splits.csv ids."""
+    per_class = Counter(r.label for r in train)
+    counts = {classes[k]: per_class.get(k, 0) for k in range(len(classes))}
+    common = set(counts.values())
+    return {**how, "shots": common.pop() if len(common) == 1 else None, "per_class": counts,
+            "images": sorted(record_key(r, root) for r in train)}
 
 
 def _preset_stats(cfg: DataConfig) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
@@ -128,9 +191,21 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
     parts = {s: [r for r, a in zip(records, assign) if a == s] for s in SPLITS}
     if not parts["train"]:
         raise UserError(f"the split left no training images ({len(records)} images, {split_desc})")
-    # the split is fixed by data.split.seed; the shots drawn from it vary with the experiment seed
-    keep, shot_info = few_shot(parts["train"], cfg.shots, cfg.max_per_group, seed)
-    parts["train"] = [parts["train"][i] for i in keep]
+    if cfg.shots_file is not None or cfg.shots_column is not None:
+        parts["train"], given = given_shots(records, assign, cfg, root)
+        shot_info = shot_report(parts["train"], classes, root, {"given": given})
+        if cfg.shots is not None and any(n != cfg.shots for n in shot_info["per_class"].values()):
+            raise UserError(f"data.shots = {cfg.shots}, but the given labelled set ({given}) has "
+                            f"{shot_info['per_class']} images per class")
+    else:
+        # the split is fixed by data.split.seed; the shots drawn from it vary with the experiment seed
+        keep, drawn = few_shot(parts["train"], cfg.shots, cfg.max_per_group, seed)
+        parts["train"] = [parts["train"][i] for i in keep]
+        shot_info = {}
+        if drawn:
+            shot_info = shot_report(parts["train"], classes, root, {
+                "drawn": {k: drawn[k] for k in ("shots", "max_per_group", "seed")},
+                "short": {classes[k]: n for k, n in drawn["short"].items()}})
     mean, std = _preset_stats(cfg)
     aug = train_transform(cfg.augment, cfg.image_size, mean, std)
     ev = eval_transform(cfg.image_size, mean, std)
@@ -145,8 +220,9 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
                                          cache=cfg.decoded_cache, cache_dir=work / ".cache" / "decoded")
     info.update({
         "root": str(cfg.root) if cfg.root is not None else info.get("synthetic", {}).get("root"),
-        "classes": classes, "task": cfg.task, "magnification": cfg.magnification,
-        "split": split_desc, "split_seed": split_desc["seed"], "shots": cfg.shots, "fewshot": shot_info,
+        "classes": classes, "num_classes": len(classes),
+        **({"task": cfg.task, "magnification": cfg.magnification} if cfg.source in ("breakhis", "synthetic") else {}),
+        "split": split_desc, "split_seed": split_desc["seed"], "shots": shot_info.get("shots"), "fewshot": shot_info,
         "counts": {s: _counts(parts[s], classes) for s in SPLITS},
     })
     if len({r.group for r in records}) < len(records):  # real groups (patients): list them per split

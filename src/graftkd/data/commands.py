@@ -34,10 +34,14 @@ def summary_table(bundle: DataBundle) -> str:
     carry them), and per split. Patients are the records' groups."""
     parts = {"train": bundle.train.records, "val": bundle.val.records, "test": bundle.test.records}
     info = bundle.info
-    out = [f"source: {info['source']}  root: {info.get('root')}  task: {info.get('task')}  "
+    task = f"  task: {info['task']}" if "task" in info else ""
+    out = [f"source: {info['source']}  root: {info.get('root')}{task}  "
            f"classes: {len(bundle.classes)}  split: {info['split']['kind']} (seed {info['split_seed']})"]
-    if info.get("fewshot"):
-        out.append(f"few-shot: {info['fewshot']['shots']} per class, max {info['fewshot']['max_per_group']} per patient")
+    shot = info.get("fewshot")
+    if shot:
+        how = (f"given by {shot['given']}" if "given" in shot else
+               f"drawn with seed {shot['drawn']['seed']}, max {shot['drawn']['max_per_group']} per patient")
+        out.append(f"few-shot: {shot['shots'] if shot['shots'] is not None else shot['per_class']} per class, {how}")
     for key in ("skipped_names", "skipped_unreadable", "missing_files"):
         if info.get(key):
             out.append(f"{key.replace('_', ' ')}: {info[key]}")

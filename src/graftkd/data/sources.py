@@ -57,8 +57,12 @@ def read_folder(root: Path, on_bad_file: str) -> tuple[list[Record], list[str], 
     return records, classes, {"empty_classes": missing, "predefined_split": tops.keys() != {None}}
 
 
+CSV_COLUMNS = ("path", "label", "group", "split")
+
+
 def read_csv_manifest(path: Path, on_bad_file: str) -> tuple[list[Record], list[str], dict]:
     """CSV with columns ``path,label`` and optional ``group`` and ``split``; paths relative to the CSV.
+    Other columns are kept as text in ``meta["columns"]`` (e.g. a ``data.shots_column``).
 
     Labels are all integers (classes ``"0".."max"``) or names (classes sorted). A missing file is an
     error naming the row, or skipped and counted with ``on_bad_file='skip'``.
@@ -95,7 +99,7 @@ def read_csv_manifest(path: Path, on_bad_file: str) -> tuple[list[Record], list[
                 raise UserError(f"{path}, line {i}: image {file} not found (set data.on_bad_file=skip to leave it out)")
             missing.append(str(file))
             continue
-        meta: dict = {}
+        meta: dict = {"columns": {k: v for k, v in r.items() if k not in CSV_COLUMNS}}
         if "split" in r:
             if r["split"] not in SPLITS:
                 raise UserError(f"{path}, line {i}: split must be train, val or test, got {r['split']!r}")

@@ -346,4 +346,4 @@ def build_graft(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: A
     if host >= k:
         raise UserError(f"method.host = {host} but there are only {k} teachers")
     return Graft(opts, targets, host, build_student().to(device), student_name=cfg.model.name,
-                 input_size=data.image_size, batch_size=cfg.data.batch_size, shots=cfg.data.shots)
+                 input_size=data.image_size, batch_size=cfg.data.batch_size, shots=data.info.get("shots"))
