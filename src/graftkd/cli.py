@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "predict": ("graftkd.eval.commands:add_predict_args", "graftkd.eval.commands:run_predict", "predict classes of new images with an exported model"),
     "models": ("graftkd.commands:add_models_args", "graftkd.commands:run_models", "list available model names"),
     "demo": ("graftkd.commands:add_demo_args", "graftkd.commands:run_demo", "the end-to-end demo on synthetic histology"),
-    "synth": ("graftkd.data.synthetic:add_synth_args", "graftkd.data.synthetic:run_synth", "write a synthetic histology tree in the BreakHis layout"),
+    "synth": ("graftkd.data.commands:add_synth_args", "graftkd.data.synthetic:run_synth", "write a synthetic histology tree in the BreakHis layout"),
     "data": ("graftkd.data.commands:add_data_args", "graftkd.data.commands:run_data", "data tools: `data summary -c cfg.yaml`"),
 }
 

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
-from graftkd.config import ExperimentConfig, load_config
 from graftkd.errors import UserError
+
+if TYPE_CHECKING:  # the schema is imported when a command runs: building it costs ~0.5 s of `--help`
+    from graftkd.config import ExperimentConfig
 
 
 def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -21,6 +24,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config_for(args: argparse.Namespace) -> ExperimentConfig:
+    from graftkd.config import load_config
+
     return load_config(args.config, args.overrides)
 
 

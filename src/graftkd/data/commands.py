@@ -1,17 +1,22 @@
 """``graftkd data summary -c cfg.yaml [a.b=c ...]``: images and patients per class, subtype,
-magnification and split, as Markdown tables."""
+magnification and split, as Markdown tables; and the argument parser of ``graftkd synth``.
+
+Argument parsers import neither torch nor numpy (``graftkd --help`` builds them all)."""
 from __future__ import annotations
 
 import argparse
 from collections import defaultdict
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
-from graftkd.data.build import build_data
-from graftkd.data.splits import SPLITS
-from graftkd.data.types import DataBundle, Record
+
+if TYPE_CHECKING:
+    from graftkd.data.types import DataBundle, Record
 
 
 def _table(title: str, rows: list[list[object]]) -> str:
+    from graftkd.data.splits import SPLITS
+
     header = [title, "images", "patients", *SPLITS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -19,6 +24,8 @@ def _table(title: str, rows: list[list[object]]) -> str:
 
 
 def _rows(parts: dict[str, list[Record]], key: Callable[[Record], object]) -> list[list[object]]:
+    from graftkd.data.splits import SPLITS
+
     images: dict[object, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLITS, 0))
     groups: dict[object, set[str]] = defaultdict(set)
     for split, recs in parts.items():
@@ -32,6 +39,8 @@ def _rows(parts: dict[str, list[Record]], key: Callable[[Record], object]) -> li
 def summary_table(bundle: DataBundle) -> str:
     """Markdown tables of a bundle: per class, per subtype and per magnification (when the records
     carry them), and per split. Patients are the records' groups."""
+    from graftkd.data.splits import SPLITS
+
     parts = {"train": bundle.train.records, "val": bundle.val.records, "test": bundle.test.records}
     info = bundle.info
     task = f"  task: {info['task']}" if "task" in info else ""
@@ -70,8 +79,31 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def run_data(args: argparse.Namespace) -> int:
     """Run ``graftkd data <action>``."""
     from graftkd.config import load_config
+    from graftkd.data.build import build_data
 
     cfg = load_config(args.config, args.overrides)
     bundle = build_data(cfg.data, cfg.seed, None, work_dir=cfg.output.dir)
     print(summary_table(bundle))
     return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WxH, e.g. 128x128, got {text!r}") from None
+    if w < 16 or h < 16:
+        raise argparse.ArgumentTypeError(f"size must be at least 16x16, got {text!r}")
+    return w, h
+
+
+def add_synth_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``graftkd synth``; an option left out takes its ``data.synthetic`` default
+    (``SyntheticConfig``, read by ``run_synth``: building the schema here would slow ``--help``)."""
+    p.add_argument("out", type=Path, help="output folder (must not exist or be empty)")
+    p.add_argument("--patients", type=int, help="patients, >= 8 (default: data.synthetic.patients, 24)")
+    p.add_argument("--size", type=_size, help="image size WxH (default: data.synthetic.size, 128x128)")
+    p.add_argument("--images-per-patient", type=int,
+                   help="images per patient and magnification (default: data.synthetic.images_per_patient, 8)")
+    p.add_argument("--magnifications", type=int, nargs="+", help="subset of 40 100 200 400 (default: all)")
+    p.add_argument("--seed", type=int, help="generator seed (default: data.synthetic.seed, 0)")

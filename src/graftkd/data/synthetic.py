@@ -257,35 +257,13 @@ def ensure_tree(out: Path, cfg: SyntheticConfig) -> Path:
     return out
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be WxH, e.g. 128x128, got {text!r}") from None
-    if w < 16 or h < 16:
-        raise argparse.ArgumentTypeError(f"size must be at least 16x16, got {text!r}")
-    return w, h
-
-
-def add_synth_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``graftkd synth``."""
-    d = SyntheticConfig()
-    p.add_argument("out", type=Path, help="output folder (must not exist or be empty)")
-    p.add_argument("--patients", type=int, default=d.patients, help=f"patients, >= 8 (default {d.patients})")
-    p.add_argument("--size", type=_size, default=d.size, help="image size WxH (default 128x128)")
-    p.add_argument("--images-per-patient", type=int, default=d.images_per_patient,
-                   help=f"images per patient and magnification (default {d.images_per_patient})")
-    p.add_argument("--magnifications", type=int, nargs="+", default=list(d.magnifications), help="subset of 40 100 200 400")
-    p.add_argument("--seed", type=int, default=d.seed)
-
-
 def run_synth(args: argparse.Namespace) -> int:
     """``graftkd synth OUT ...``: write the tree and print what was written."""
     from pydantic import ValidationError
 
     try:
-        cfg = SyntheticConfig(patients=args.patients, images_per_patient=args.images_per_patient, size=args.size,
-                              magnifications=args.magnifications, seed=args.seed)
+        given = {k: getattr(args, k) for k in ("patients", "images_per_patient", "size", "magnifications", "seed")}
+        cfg = SyntheticConfig(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         raise UserError("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"
                                   for err in e.errors())) from None

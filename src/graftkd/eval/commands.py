@@ -102,19 +102,18 @@ def run_report(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------- export
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    from graftkd.export import FORMATS
-
     p.add_argument("run", type=Path, metavar="RUN", help="run folder (its model.pt) or a model file")
-    p.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), dest="formats")
+    p.add_argument("--format", nargs="+", default=None, dest="formats", metavar="FORMAT",
+                   help="safetensors and/or onnx (default: every format graftkd.export.FORMATS)")
     p.add_argument("--out", type=Path, help="output folder (default: the run folder)")
     p.add_argument("--onnx-exporter", choices=("dynamo", "legacy"), default="dynamo",
                    help="torch.onnx exporter (both are verified against PyTorch)")
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from graftkd.export import export_model
+    from graftkd.export import FORMATS, export_model
 
-    written = export_model(args.run, args.formats, args.out, args.onnx_exporter)
+    written = export_model(args.run, args.formats or FORMATS, args.out, args.onnx_exporter)
     card = json.loads(written["card"].read_text())
     if "onnx_check" in card:
         print(f"ONNX check: max |onnxruntime - PyTorch| = {card['onnx_check']['max_abs_diff']:.2e} "
