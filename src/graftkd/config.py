@@ -5,6 +5,7 @@ shows all of them. Unknown keys are errors that name the key and the closest val
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
@@ -527,6 +528,14 @@ def validate_config(raw: dict, source: str = "config") -> ExperimentConfig:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
         raise UserError(format_validation_error(e, raw, source)) from None
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: mappings recursively, everything else replaced."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
 
 
 def config_to_yaml(cfg: BaseModel) -> str:

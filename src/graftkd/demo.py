@@ -8,7 +8,6 @@ a summary table.
 """
 from __future__ import annotations
 
-import copy
 import time
 from importlib import resources
 from pathlib import Path
@@ -16,15 +15,8 @@ from typing import Any
 
 import yaml
 
-from graftkd.config import ExperimentConfig, validate_config
+from graftkd.config import ExperimentConfig, deep_merge, validate_config
 from graftkd.errors import UserError
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def load_demo_spec(quick: bool) -> dict[str, Any]:

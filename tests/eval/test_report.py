@@ -59,3 +59,25 @@ def test_comparison_of_two_runs(tmp_path: Path) -> None:
 def test_missing_metrics_is_a_user_error(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "has no metrics.json" in capsys.readouterr().err
+
+
+def test_comparison_latency_plot_shows_teachers_ensemble_and_students_with_unclashing_tick_labels(tmp_path: Path) -> None:
+    from graftkd.eval.report import comparison_model_rows, models_figure
+
+    runs = [load_run(make_run(tmp_path, "a")), load_run(make_run(tmp_path, "b"))]
+    rows = comparison_model_rows(runs)
+    assert [(r["role"], r["name"]) for r in rows] == [
+        ("student", "a"), ("teacher", "resnet32x4"), ("teacher", "vgg13"), ("ensemble", "ensemble"), ("student", "b")]
+    # (1.35, 22.4) and (0.042, 0.049) crowd matplotlib's default log labels (2x10^0 3x10^0 4x10^0 ...)
+    for lo, hi in ((1.35, 22.4), (0.042, 0.049), (31.0, 586.0), (0.05, 900.0)):
+        for r, ms in zip(rows, (lo, hi, (lo + hi) / 2, hi, lo)):
+            r["latency"] = {"ms_b1": ms}
+        fig = models_figure(rows, "test")
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        labels = [t for t in ax.get_xticklabels(minor=False) + ax.get_xticklabels(minor=True)
+                  if t.get_text() and t.get_visible() and lo / 1.6 <= t.get_position()[0] <= hi * 1.6]
+        assert labels, (lo, hi)
+        boxes = sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
+        assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
+        assert len(ax.collections) == 3  # one scatter per role: student, teacher, ensemble

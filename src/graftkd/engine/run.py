@@ -55,13 +55,31 @@ def split_predictions(fn, dataset: Any, cfg: ExperimentConfig, device: torch.dev
     return predict(fn, loader, device, autocast_dtype(cfg, device), cfg.trainer.channels_last)
 
 
-def score_split(fn, dataset: Any, cfg: ExperimentConfig, device: torch.device, class_names: list[str]) -> dict[str, Any]:
-    """Every metric of ``graftkd.eval`` for one split (image, patient, per magnification)."""
+def score_split(fn, dataset: Any, cfg: ExperimentConfig, device: torch.device, class_names: list[str],
+                rows: list[list[Any]] | None = None, split: str = "") -> dict[str, Any]:
+    """Every metric of ``graftkd.eval`` for one split (image, patient, per magnification). With
+    ``rows``, appends ``[split, image, group, label, pred]`` per image (``predictions.csv``)."""
     from graftkd.eval.metrics import evaluate_predictions
 
     out = split_predictions(fn, dataset, cfg, device)
     records = [dataset.records[i] for i in out["index"].tolist()]
+    if rows is not None:
+        pred = out["logits"].argmax(1).tolist()
+        rows += [[split, r.path if r.path is not None else r.meta["index"], r.group, r.label, p]
+                 for r, p in zip(records, pred)]
     return evaluate_predictions(out["logits"], out["labels"], records, class_names)
+
+
+def write_predictions_csv(path: Path, rows: list[list[Any]]) -> Path:
+    """``predictions.csv``: split, image (path or array index), group, label, pred (class indices)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["split", "image", "group", "label", "pred"])
+    w.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
 
 
 def save_resolved_config(cfg: ExperimentConfig, run_dir: Path, dist: DistContext) -> Path:
@@ -128,8 +146,10 @@ def _execute(cfg: ExperimentConfig, device: torch.device, dist: DistContext, res
         "phase_global_batch": {row["phase"]: row["global_batch"] for row in result.history},
         "precision": dict(zip(("ran", "why"), resolve_precision(cfg, device)), asked=cfg.trainer.precision),
     }
+    rows: list[list[Any]] = []
     for split, ds in (("val", data.val), ("test", data.test)):
-        metrics[split] = score_split(method.eval_logits, ds, cfg, device, data.classes)
+        metrics[split] = score_split(method.eval_logits, ds, cfg, device, data.classes, rows, split)
+    write_predictions_csv(run_dir / "predictions.csv", rows)
     metrics.update(method.final_metrics(
         lambda fn, split: score_split(fn, getattr(data, split), cfg, device, data.classes)))
     atomic_write_json(run_dir / "metrics.json", metrics)

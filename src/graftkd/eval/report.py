@@ -193,20 +193,32 @@ def plot_magnification(m: dict[str, Any], split: str) -> bytes:
     return _png(fig)
 
 
-def plot_models(rows: list[dict[str, Any]], split: str) -> bytes:
-    """Accuracy versus CPU latency (batch 1) of teachers, ensemble and student; bars if no latency."""
+def models_figure(rows: list[dict[str, Any]], split: str) -> Figure:
+    """Accuracy versus CPU latency (batch 1) of teachers, ensemble and students; bars if no latency.
+    The log axis is labelled at 1, 2 and 5 x 10^k only, in plain numbers (no crowded minor labels)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     colors = {"student": "tab:green", "teacher": "tab:blue", "ensemble": "tab:red"}
     timed = [r for r in rows if _get(r["latency"], "ms_b1") is not None and _get(r[split], "accuracy") is not None]
     if timed:
+        for role in dict.fromkeys(r["role"] for r in timed):
+            pts = [r for r in timed if r["role"] == role]
+            ax.scatter([r["latency"]["ms_b1"] for r in pts], [r[split]["accuracy"] for r in pts], s=60, zorder=3,
+                       color=colors.get(role, "tab:gray"), label=role)
         for r in timed:
-            x, y = r["latency"]["ms_b1"], r[split]["accuracy"]
-            ax.scatter([x], [y], s=60, color=colors.get(r["role"], "tab:gray"), zorder=3)
-            ax.annotate(f"{r['name']}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax.annotate(f"{r['name']}", (r["latency"]["ms_b1"], r[split]["accuracy"]), textcoords="offset points",
+                        xytext=(5, 5), fontsize=8)
+        xs = [r["latency"]["ms_b1"] for r in timed]
         ax.set_xscale("log")
+        ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)  # spans > 2.5x: at least one labelled tick
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("CPU latency at batch 1 (ms, log scale)")
         ax.set_title(f"{split} accuracy versus latency")
+        ax.legend(fontsize=8, loc="lower right")
     else:
         scored = [r for r in rows if _get(r[split], "accuracy") is not None]
         ax.bar(range(len(scored)), [r[split]["accuracy"] for r in scored],
@@ -215,7 +227,26 @@ def plot_models(rows: list[dict[str, Any]], split: str) -> bytes:
         ax.set_title(f"{split} accuracy (no latency recorded: `graftkd evaluate RUN --latency`)")
     ax.set_ylabel(f"{split} image accuracy")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return fig
+
+
+def plot_models(rows: list[dict[str, Any]], split: str) -> bytes:
+    return _png(models_figure(rows, split))
+
+
+def comparison_model_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Every run's student (named after the run) and, once each, the teachers and ensembles they used."""
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for r in runs:
+        rows = model_rows(r.metrics)
+        out.append({**rows[0], "name": r.name})
+        for row in rows[1:]:
+            key = (row["role"], row["name"])
+            if row["role"] in ("teacher", "ensemble") and key not in seen:
+                seen.add(key)
+                out.append(row)
+    return out
 
 
 def run_plots(run: RunData) -> dict[str, bytes]:
@@ -267,11 +298,9 @@ def compare_plots(runs: Sequence[RunData]) -> dict[str, bytes]:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     plots["compare_metrics"] = _png(fig)
-    timed = [(r.name, model_rows(r.metrics)[0]) for r in runs]
-    timed = [(n, row) for n, row in timed if _get(row["latency"], "ms_b1") is not None]
+    timed = [row for row in comparison_model_rows(runs) if _get(row["latency"], "ms_b1") is not None]
     if timed:
-        plots["compare_latency"] = plot_models([{**row, "name": n} for n, row in timed],
-                                               "test" if all(row["test"] for _, row in timed) else "val")
+        plots["compare_latency"] = plot_models(timed, "test" if all(row["test"] for row in timed) else "val")
     return plots
 
 
