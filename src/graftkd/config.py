@@ -238,6 +238,19 @@ class ATFMethod(Strict):
         "eval", description="mode of a pretrained teacher on its update steps: eval = running BN statistics "
                             "used and never changed, no dropout (the frozen-teacher forward); train = batch "
                             "statistics, running statistics updated, dropout on. Peers (online) always train")
+    teacher_weight_decay: float = Field(0.0, ge=0, description="weight decay of the teacher optimisers (atf, "
+                                                               "offline_joint; the student's optimizer.weight_decay "
+                                                               "would pull the teacher towards 0, against the anchor)")
+    teacher_ce_weight: float = Field(1.0, ge=0, description="weight of the teacher's CE to the labels (atf, "
+                                                            "offline_joint); 0: the teacher learns from the "
+                                                            "student's predictions and the anchor only")
+    adapt: Literal["all", "last_stage", "head"] = Field(
+        "all", description="which teacher parameters adapt (atf, offline_joint): all, the last stage and the "
+                           "head, or the classifier head only (as DIST+'s acclimation)")
+    guard: float | None = Field(None, ge=0, description="stop a teacher's adaptation, and roll it back to its best "
+                                                        "validated state, once its validation accuracy falls more "
+                                                        "than this below its accuracy before training; checked at "
+                                                        "every validation (None: off)")
 
     _steps = model_validator(mode="before")(classmethod(lambda cls, d: steps_replace_epochs(
         d, "warmup_steps", "warmup_epochs", 0)))

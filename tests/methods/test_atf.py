@@ -218,7 +218,9 @@ def test_build_train_and_report_two_adapting_teachers(tmp_path):
     assert (saved.mean, saved.std) == (method.teachers[1].mean, method.teachers[1].std)
     report = method.final_metrics(lambda fn, split: {"n": len(getattr(data, split))})["atf"]
     assert report["effective"] == {"lam": 1.0, "mu": 1e-3, "lr_ratio": 1.0, "teacher_every": 1,
-                                   "warmup_epochs": 0, "teacher_bn": "eval", "warmup_steps": None}
+                                   "warmup_epochs": 0, "teacher_bn": "eval", "warmup_steps": None,
+                                   "teacher_weight_decay": 0.0, "teacher_ce_weight": 1.0, "adapt": "all",
+                                   "guard": None}
     method.eval()
     with torch.no_grad():
         s_pred = method.model(VAL.x).argmax(1)
@@ -245,3 +247,90 @@ def test_online_peers_start_from_random_init_and_need_a_label_free_fusion(tmp_pa
     assert not torch.equal(method.teachers[0].model.fc.weight, loaded.fc.weight)
     assert method.teachers[0].source == "random init (online peer)"
     assert method.eff.mu == 0 and method.eff.warmup_epochs == 0 and method.eff.teacher_bn == "train"
+
+
+def test_teacher_weight_decay_is_the_teachers_own(tmp_path):
+    """The teacher optimiser's weight decay is method.teacher_weight_decay, not optimizer.weight_decay:
+    with every teacher term off, a teacher with no decay does not move; with decay it shrinks."""
+    moved = {}
+    for wd in (0.0, 0.1):
+        cfg = make_cfg(tmp_path / str(wd), "optimizer.weight_decay=0.5", "optimizer.momentum=0", "method.lam=0",
+                       "method.mu=0", "method.teacher_ce_weight=0", "method.lr_ratio=1",
+                       f"method.teacher_weight_decay={wd}")
+        method = make_method(cfg)
+        groups = [s.params[0] for s in method.phases()[0].optimizers]
+        assert "weight_decay" not in groups[0] and groups[1]["weight_decay"] == wd
+        before = teacher_state(method)
+        fit(cfg, method)
+        moved[wd] = float(before["fc.weight"].norm() - method.teachers[0].model.fc.weight.detach().norm())
+    assert moved[0.0] == 0.0 and moved[0.1] > 0
+
+
+def test_teacher_ce_weight_scales_the_label_term(tmp_path):
+    out = {}
+    for w in (1.0, 0.25):
+        method = make_method(make_cfg(tmp_path, "method.mu=0", f"method.teacher_ce_weight={w}")).eval()
+        out[w] = method.training_step(batch(), ctx())
+    for w, o in out.items():
+        assert o["teacher_loss"].item() == pytest.approx(w * o["teacher_ce"].item() + o["teacher_kd"].item(), rel=1e-6)
+    assert out[0.25]["teacher_ce"].item() == out[1.0]["teacher_ce"].item()
+
+
+@pytest.mark.parametrize("adapt, trained", [("head", {"fc"}), ("last_stage", {"layer3", "fc"}),
+                                            ("all", {"conv1", "bn1", "layer1", "layer2", "layer3", "fc"})])
+def test_adapt_trains_only_the_chosen_part_of_the_teacher(tmp_path, adapt, trained):
+    cfg = make_cfg(tmp_path, f"method.adapt={adapt}", "method.lr_ratio=1", "method.teacher_bn=train")
+    cfg.teachers = [TeacherConfig(name="resnet8", checkpoint=teacher_file(tmp_path, 1))]
+    data = toy_bundle()
+    method = build_atf(cfg, data, build_student=ToyNet, device=torch.device("cpu"))
+    model = method.teachers[0].model
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == trained
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    Trainer(cfg, cfg.run_dir).fit(method, data.train, data.val)
+    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trained
+
+
+def test_adapt_needs_a_stage_view(tmp_path):
+    with pytest.raises(UserError, match="no stage view"):
+        make_method(make_cfg(tmp_path, "method.adapt=last_stage"))
+
+
+def test_guard_keeps_the_best_teacher_and_rolls_back_and_stops_on_a_drop(tmp_path):
+    cfg = make_cfg(tmp_path, "method.guard=0.05", "method.lr_ratio=1")
+    method = make_method(cfg).eval()
+    teacher = method.teachers[0].model
+    theta0 = teacher_state(method)
+    # a better teacher is kept as the best state
+    with torch.no_grad():
+        teacher.fc.bias.add_(0.01)
+    method.best_acc.fill_(0.0)
+    log = method.after_validation()
+    acc = log["teacher0_acc"]
+    improved = teacher_state(method)
+    assert method.best_acc[0].item() == pytest.approx(acc) and not method.stopped[0]
+    # a drop within the tolerance changes nothing; a larger one restores the best state and stops
+    with torch.no_grad():
+        teacher.fc.weight.add_(1.0)
+        worse = (teacher(VAL.x).argmax(1) == VAL.y).float().mean().item()
+    perturbed = teacher_state(method)
+    method.best_acc.fill_(2.0)  # nothing beats it: no new best
+    method.val_acc0.fill_(worse + 0.04)
+    assert method.after_validation()["teacher0_acc"] == pytest.approx(worse)
+    assert not method.stopped[0] and torch.equal(teacher.fc.weight, perturbed["fc.weight"])
+    method.val_acc0.fill_(worse + 0.06)
+    method.after_validation()
+    assert method.stopped[0] and all(torch.equal(v, improved[k]) for k, v in teacher_state(method).items())
+    assert not torch.equal(improved["fc.bias"], theta0["fc.bias"])
+    out = method.train().training_step(batch(), ctx())
+    assert out["teacher_loss"].grad_fn is None and out["loss"].grad_fn is not None
+    row = method.final_metrics(lambda fn, split: {})["atf"]["teachers"][0]
+    assert row["guard"] == {"stopped": True, "stopped_at_step": 0, "best_val_acc": 2.0}
+
+
+def test_guard_logs_the_teachers_validation_accuracy(tmp_path):
+    cfg = make_cfg(tmp_path, "method.guard=0.5", "method.lr_ratio=1")
+    fit(cfg, make_method(cfg))
+    import csv
+    rows = list(csv.DictReader(open(cfg.run_dir / "log.csv")))
+    assert all(0 <= float(r["val_teacher0_acc"]) <= 1 for r in rows)

@@ -381,12 +381,13 @@ class Trainer:
         if mid_epoch:
             self.dist.average_norm_buffers_(method)
         val = self.validate(method, val_set)
+        extra = method.after_validation()
         metric = val["acc"] if self.tc.select_metric == "val_acc" else -val["loss"]
         best = self._best
         if phase.select_best and (best["metric"] is None or metric > best["metric"]):
             self._best = {"metric": metric, "phase": phase.name, "epoch": epoch, "step": step}
             self._save_best(method, {"phase": phase.name, "epoch": epoch, "step": step, "metric": metric})
-        return {**{f"val_{k}": v for k, v in val.items()}, "val_step": step}
+        return {**{f"val_{k}": v for k, v in {**val, **extra}.items()}, "val_step": step}
 
     def _state(self, phase_index: int, next_epoch: int, step: int, global_epoch: int, best: dict[str, Any],
                optims: list, scheds: list) -> dict[str, Any]:

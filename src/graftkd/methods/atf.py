@@ -69,15 +69,59 @@ class Effective:
     warmup_epochs: int
     teacher_bn: str
     warmup_steps: int | None = None
+    teacher_weight_decay: float = 0.0
+    teacher_ce_weight: float = 1.0
+    adapt: str = "all"
+    guard: float | None = None
 
     @staticmethod
-    def of(m: ATFMethod) -> "Effective":
+    def of(m: ATFMethod, student_weight_decay: float = 0.0) -> "Effective":
         if m.mode == "offline":
-            return Effective(0.0, 0.0, 0.0, 1, 0, "eval")
-        if m.mode == "online":
-            return Effective(m.lam, 0.0, m.peer_lr_ratio, 1, 0, "train")
+            return Effective(0.0, 0.0, 0.0, 1, 0, "eval", None, 0.0, 0.0, "none", None)
+        if m.mode == "online":  # peers train like the student, from scratch
+            return Effective(m.lam, 0.0, m.peer_lr_ratio, 1, 0, "train", None, student_weight_decay, 1.0, "all", None)
         lam = m.lam if m.mode == "atf" else 0.0
-        return Effective(lam, m.mu, m.lr_ratio, m.teacher_every, m.warmup_epochs, m.teacher_bn, m.warmup_steps)
+        return Effective(lam, m.mu, m.lr_ratio, m.teacher_every, m.warmup_epochs, m.teacher_bn, m.warmup_steps,
+                         m.teacher_weight_decay, m.teacher_ce_weight, m.adapt, m.guard)
+
+
+def adapted_parameters(model: nn.Module, adapt: str, label: str = "teacher") -> list[nn.Parameter]:
+    """The parameters of ``model`` that ``adapt`` (all | last_stage | head) trains: the head is the
+    classifier after the last stage (``StagedModel``'s head, or timm's ``get_classifier()``)."""
+    if adapt == "all":
+        return list(model.parameters())
+    from graftkd.models.staged import StagedModel
+
+    try:
+        view = StagedModel(model, label)
+    except UserError:
+        if adapt == "head" and hasattr(model, "get_classifier"):
+            return list(model.get_classifier().parameters())
+        raise UserError(f"method.adapt={adapt}: {label} ({type(model).__name__}) has no stage view; "
+                        f"use adapt=all") from None
+    modules = [m for _, m in view.named_head()]
+    if adapt == "last_stage":
+        modules.insert(0, view.stage_module(view.n_stages - 1))
+    return [p for m in modules for p in m.parameters()]
+
+
+class Snapshot(nn.Module):
+    """A copy of a module's state (parameters and buffers) as persistent buffers: ``save`` and ``restore``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        for i, v in enumerate(module.state_dict().values()):
+            self.register_buffer(f"s{i}", v.detach().clone())
+
+    @torch.no_grad()
+    def save(self, module: nn.Module) -> None:
+        for b, v in zip(self.buffers(), module.state_dict().values()):
+            b.copy_(v)
+
+    @torch.no_grad()
+    def restore(self, module: nn.Module) -> None:
+        for b, v in zip(self.buffers(), module.state_dict().values()):
+            v.copy_(b)
 
 
 class Anchor(nn.Module):
@@ -115,7 +159,7 @@ class ATF(Method):
             raise UserError(f"method.mode=online: peers start from random init, so fusion.strategy="
                             f"'{cfg.fusion.strategy}' (validation accuracy) has nothing to weigh; use mean, "
                             f"entropy or confidence")
-        self.cfg, self.m, self.eff = cfg, m, Effective.of(m)
+        self.cfg, self.m, self.eff = cfg, m, Effective.of(m, cfg.optimizer.weight_decay)
         self.kind, self.params = divergences.divergence_spec(m.divergence)
         self.model = student
         self.teachers = nn.ModuleList(teachers)
@@ -124,9 +168,20 @@ class ATF(Method):
         self.register_buffer("val_pred0", val_logits0.argmax(-1))  # [K, N]
         self.register_buffer("val_acc0", (self.val_pred0 == val_labels).float().mean(1))  # [K]
         for t in teachers:
-            t.model.requires_grad_(m.mode != "offline")
+            t.model.requires_grad_(False)
             if m.mode == "offline":
                 self.frozen.append(t)
+            else:
+                for p in adapted_parameters(t.model, self.eff.adapt, t.name):
+                    p.requires_grad_(True)
+        # guard: the best validated state of each teacher (theta_0 at first), its accuracy, and whether
+        # its adaptation was stopped (and rolled back to that state)
+        guarded = self.eff.guard is not None
+        self.best_states = nn.ModuleList(Snapshot(t.model) for t in teachers) if guarded else None
+        self.register_buffer("best_acc", self.val_acc0.clone())
+        self.register_buffer("stopped", torch.zeros(len(teachers), dtype=torch.bool))
+        self.register_buffer("stopped_at", torch.full((len(teachers),), -1, dtype=torch.long))
+        self._step = 0
 
     # ------------------------------------------------------------------------------- training
     def phases(self) -> list[Phase]:
@@ -134,7 +189,8 @@ class ATF(Method):
         specs = [OptimSpec(params=[{"params": list(self.model.parameters())}], optimizer=c.optimizer,
                            schedule=c.schedule, name="student")]
         if self.m.mode != "offline":
-            specs += [OptimSpec(params=[{"params": list(t.model.parameters()), "lr_scale": self.eff.lr_ratio}],
+            specs += [OptimSpec(params=[{"params": list(t.model.parameters()), "lr_scale": self.eff.lr_ratio,
+                                         "weight_decay": self.eff.teacher_weight_decay}],
                                 optimizer=c.optimizer, schedule=c.schedule, name=f"teacher{k}",
                                 every=self.eff.teacher_every)
                       for k, t in enumerate(self.teachers)]
@@ -157,12 +213,17 @@ class ATF(Method):
         x, y = batch["image"], batch["label"]
         m, T = self.m, self.m.temperature
         update = self.updates_teachers(ctx)
+        self._step = ctx.step
+        live = [update and not bool(done) for done in self.stopped]  # teachers adapting on this step
         if self.eff.teacher_bn == "train":
-            for t in self.teachers:
-                t.model.train(update and self.training)
+            for t, on in zip(self.teachers, live):
+                t.model.train(on and self.training)
         s = self.model(x).float()
-        with torch.set_grad_enabled(update):
-            z = torch.stack([t(x).float() for t in self.teachers])  # [K, B, C]
+        zs = []
+        for t, on in zip(self.teachers, live):
+            with torch.set_grad_enabled(on):
+                zs.append(t(x).float())
+        z = torch.stack(zs)  # [K, B, C]
         zt = z.detach()
         w = fusion.weights(self.cfg.fusion.strategy, zt, y, self.val_acc0, self.cfg.fusion.tau)
         target = fusion.fuse(zt, w, T, m.standardize)
@@ -175,7 +236,7 @@ class ATF(Method):
         k, b, c = z.shape
         with torch.set_grad_enabled(update):
             t_ce = F.cross_entropy(z.reshape(k * b, c), y.repeat(k)) * k  # sum over teachers
-            teacher_loss = t_ce
+            teacher_loss = self.eff.teacher_ce_weight * t_ce
             out["teacher_ce"] = t_ce
             if m.mode != "offline_joint":
                 p_s = soft_targets(s.detach(), T, m.standardize).repeat(k, 1)
@@ -183,12 +244,40 @@ class ATF(Method):
                 teacher_loss = teacher_loss + self.eff.lam * t_kd
                 out["teacher_kd"] = t_kd
             if m.mode != "online":
-                drift = torch.stack([a.squared_distance(t.model) for a, t in zip(self.anchors, self.teachers)]).sum()
+                drift = []
+                for a, t, on in zip(self.anchors, self.teachers, live):
+                    with torch.set_grad_enabled(on):  # a stopped teacher does not move, not even to theta_0
+                        drift.append(a.squared_distance(t.model))
+                drift = torch.stack(drift).sum()
                 teacher_loss = teacher_loss + self.eff.mu * drift
                 out["teacher_drift"] = drift
         out["teacher_loss"] = teacher_loss
         out["teacher_acc"] = (zt.argmax(-1) == y).float().mean()
         return {"loss": student_loss + teacher_loss if update else student_loss, **out}
+
+    @torch.no_grad()
+    def after_validation(self) -> dict[str, float]:
+        """With ``guard``: score the teachers on validation; keep each one's best state; stop a
+        teacher whose accuracy fell more than ``guard`` below its accuracy before training and roll
+        it back to its best state. Returns the teachers' validation accuracies for the log."""
+        if self.eff.guard is None or self.m.mode == "offline":
+            return {}
+        out = self.predict_val(lambda x: torch.stack([t(x) for t in self.teachers], 1))
+        labels = out["labels"].to(self.best_acc.device)
+        acc = (out["logits"].argmax(-1).to(labels.device) == labels[:, None]).float().mean(0)  # [K]
+        log = {}
+        for k, t in enumerate(self.teachers):
+            log[f"teacher{k}_acc"] = float(acc[k])
+            if self.stopped[k]:
+                continue
+            if acc[k] >= self.best_acc[k]:
+                self.best_acc[k] = acc[k]
+                self.best_states[k].save(t.model)
+            elif acc[k] < self.val_acc0[k] - self.eff.guard:
+                self.best_states[k].restore(t.model)
+                self.stopped[k] = True
+                self.stopped_at[k] = self._step
+        return log
 
     # -------------------------------------------------------------------------------- outputs
     def student(self) -> nn.Module:
@@ -224,6 +313,9 @@ class ATF(Method):
                 "agreement_before": float((pred[0] == self.val_pred0[k]).float().mean()),
                 "agreement_after": float((pred[0] == pred[1 + k]).float().mean()),
                 "val": score(t, "val"), "test": score(t, "test"),
+                **({"guard": {"stopped": bool(self.stopped[k]), "stopped_at_step": int(self.stopped_at[k])
+                              if self.stopped[k] else None, "best_val_acc": float(self.best_acc[k])}}
+                   if self.eff.guard is not None else {}),
             })
         return {"atf": {"mode": self.m.mode, "effective": asdict(self.eff), "fusion": self.cfg.fusion.strategy,
                         "teachers": rows}}

@@ -100,6 +100,11 @@ class Method(nn.Module):
     def student(self) -> nn.Module:
         raise NotImplementedError
 
+    def after_validation(self) -> dict[str, float]:
+        """Called (in eval mode) after every validation of the student; returns extra values for
+        the log row (e.g. ATF's teacher guard)."""
+        return {}
+
     def extra_outputs(self) -> dict[str, ExtraOutput]:
         """Other networks worth saving beside the student (adapted teacher, DML peers)."""
         return {}
