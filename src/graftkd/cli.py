@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("graftkd.eval.commands:add_report_args", "graftkd.eval.commands:run_report", "write report.html for one run, or compare several"),
     "export": ("graftkd.eval.commands:add_export_args", "graftkd.eval.commands:run_export", "export a run's student as safetensors and/or ONNX"),
     "predict": ("graftkd.eval.commands:add_predict_args", "graftkd.eval.commands:run_predict", "predict classes of new images with an exported model"),
-    "compare": ("graftkd.study:add_compare_args", "graftkd.study:run_compare", "run a study: methods x shots x seeds on one step budget, with paired statistics"),
+    "compare": ("graftkd.commands:add_compare_args", "graftkd.commands:run_compare", "run a study: methods x shots x seeds on one step budget, with paired statistics"),
     "models": ("graftkd.commands:add_models_args", "graftkd.commands:run_models", "list available model names"),
     "demo": ("graftkd.commands:add_demo_args", "graftkd.commands:run_demo", "the end-to-end demo on synthetic histology"),
     "synth": ("graftkd.data.commands:add_synth_args", "graftkd.data.synthetic:run_synth", "write a synthetic histology tree in the BreakHis layout"),

@@ -1,8 +1,10 @@
-"""Handlers of the run-level subcommands: train, distill, models, demo."""
+"""Handlers of the run-level subcommands: train, distill, compare, models, demo."""
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from graftkd.errors import UserError
@@ -82,3 +84,28 @@ def run_demo(args: argparse.Namespace) -> int:
 
     return demo(quick=args.quick, data_root=args.data, out=args.out)
 
+
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Compare methods on one step budget: every method x shots x seed of a study YAML is run (a finished "
+        "run is reused only when its resolved config, teacher files and code revision match), then a table "
+        "of mean ± sd per method, paired differences to a baseline with bootstrap 95% intervals over seeds "
+        "and test images, a plot and the rows as JSON are written to the study folder.")
+    p.add_argument("study", type=Path, metavar="STUDY.yaml",
+                   help="keys: name, data, teachers, student, common, shots, seeds, steps, methods "
+                        "(name -> config fragment), baseline; see docs/compare.md")
+    p.add_argument("overrides", nargs="*", metavar="a.b=c", help="overrides of the study YAML (e.g. seeds=[0,1])")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each in its own process when > 1)")
+    p.add_argument("--results", type=Path, help="also write the JSON here")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and whether each would be reused")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        raise UserError("--jobs must be >= 1")
+    extra = ([f"--jobs {args.jobs}"] if args.jobs != 1 else []) + ([f"--results {args.results}"] if args.results else [])
+    command = " ".join(["graftkd compare", shlex.join([str(args.study), *args.overrides]), *extra])
+    from graftkd.study import compare
+
+    compare(args.study, args.overrides, args.jobs, args.results, command, args.dry_run)
+    return 0

@@ -9,7 +9,6 @@ plot, and every row as JSON (code revision, command, per-seed values, steps).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -448,29 +447,3 @@ def compare(study_path: Path, overrides: list[str] | tuple[str, ...] = (), jobs:
     print(f"\n[compare] wrote {folder / 'compare.json'}, compare.md, compare.png"
           + (f" and {target}" if target is not None else ""))
     return out
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def add_compare_args(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Compare methods on one step budget: every method x shots x seed of a study YAML is run (a finished "
-        "run is reused only when its resolved config, teacher files and code revision match), then a table "
-        "of mean ± sd per method, paired differences to a baseline with bootstrap 95% intervals over seeds "
-        "and test images, a plot and the rows as JSON are written to the study folder.")
-    p.add_argument("study", type=Path, metavar="STUDY.yaml",
-                   help="keys: name, data, teachers, student, common, shots, seeds, steps, methods "
-                        "(name -> config fragment), baseline; see docs/compare.md")
-    p.add_argument("overrides", nargs="*", metavar="a.b=c", help="overrides of the study YAML (e.g. seeds=[0,1])")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (each in its own process when > 1)")
-    p.add_argument("--results", type=Path, help="also write the JSON here")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and whether each would be reused")
-
-
-def run_compare(args: argparse.Namespace) -> int:
-    if args.jobs < 1:
-        raise UserError("--jobs must be >= 1")
-    extra = ([f"--jobs {args.jobs}"] if args.jobs != 1 else []) + ([f"--results {args.results}"] if args.results else [])
-    command = " ".join(["graftkd compare", shlex.join([str(args.study), *args.overrides]), *extra])
-    compare(args.study, args.overrides, args.jobs, args.results, command, args.dry_run)
-    return 0
-
