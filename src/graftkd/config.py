@@ -50,6 +50,9 @@ class SplitConfig(Strict):
     folds_csv: Path | None = Field(None, description="official BreakHis Folds.csv (fold,mag,grp,filename)")
     file: Path | None = Field(None, description="a split CSV written by an earlier run, re-used as is")
     seed: int | None = Field(None, description="split seed; None means the experiment seed")
+    on_empty_class: Literal["error", "warn"] = Field(
+        "error", description="a class that has images but none in train, val or test: error (naming the class), "
+                             "or warn (one line on stderr) and go on")
 
     @model_validator(mode="after")
     def _fractions(self) -> "SplitConfig":
@@ -91,7 +94,12 @@ class DataConfig(Strict):
     eval_batch_size: int = Field(128, ge=1)
     num_workers: int = Field(0, ge=0)
     decoded_cache: Literal["none", "memory", "mmap"] = "memory"
-    on_bad_file: Literal["error", "skip"] = "error"
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error", description="an unreadable image (empty, truncated, not an image; BreakHis: a name that does not "
+                             "parse): error naming the file, or skip it (counted in the data summary and metrics.json)")
+    patient_suffix: Literal["merge", "keep"] = Field(
+        "merge", description="BreakHis slide ids that differ only by a letter suffix (22549AB, 22549G): merge = one "
+                             "patient (leak-free), keep = different patients")
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")

@@ -33,11 +33,12 @@ PATIENTS = [
 ]
 
 
-def make_breakhis(root: Path, mags: tuple[int, ...] = (40, 100), per: int = 2) -> Path:
+def make_breakhis(root: Path, mags: tuple[int, ...] = (40, 100), per: int = 2,
+                  patients: list[tuple[str, str, str, str]] = PATIENTS) -> Path:
     """A BreaKHis_v1-style tree: folder SOB_B_A_14-22549AB, files SOB_B_A-14-22549AB-40-001.png."""
     base = root / "BreaKHis_v1" / "histology_slides" / "breast"
     k = 0
-    for cls, sub, code, pid in PATIENTS:
+    for cls, sub, code, pid in patients:
         letter = cls[0].upper()
         for mag in mags:
             for seq in range(1, per + 1):

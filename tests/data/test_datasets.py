@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from graftkd.config import DataConfig, SplitConfig
 from graftkd.data import build_data, few_shot
-from graftkd.data.datasets import FileDataset, base_shape, decode_file
+from graftkd.data.datasets import FileDataset, base_shape, decode_file, verify_images
 from graftkd.data.transforms import eval_transform, train_transform
 from graftkd.data.types import Record
 from graftkd.errors import UserError
@@ -86,17 +86,39 @@ def test_bad_images_name_the_file(tmp_path: Path, png) -> None:
                       ("junk.png", "cannot decode image .*junk.png")]:
         with pytest.raises(UserError, match=msg):
             decode_file(str(tmp_path / "a" / name))
-    png(tmp_path / "b" / "1.png", seed=1)
+    for i in range(4):
+        png(tmp_path / "a" / f"{i + 1}.png", seed=10 + i)
+        png(tmp_path / "b" / f"{i}.png", seed=20 + i)
     cfg = DataConfig(source="folder", root=tmp_path, image_size=16, split=SplitConfig(train=0.5, val=0.25, test=0.25))
-    with pytest.raises(UserError, match=r"cannot read image .*(zero|junk)\.png"):  # header probe at build time
-        build_data(cfg, seed=0, run_dir=None, work_dir=tmp_path / "w")
+    with pytest.raises(UserError, match=r"cannot decode image .*/a/junk\.png: cannot identify image file "
+                                         r"\(set data.on_bad_file=skip to leave such files out; 2 more\)$"):
+        build_data(cfg, seed=0, run_dir=None, work_dir=tmp_path / "w")  # full decode at scan time, sorted order
     b = build_data(cfg.model_copy(update={"on_bad_file": "skip", "decoded_cache": "none"}), 0, None, work_dir=tmp_path / "w")
-    assert b.info["skipped_unreadable"] == 2  # zero and junk; the truncated file has a valid header
-    names = {Path(r.path).name: (part, i) for part in ("train", "val", "test")
-             for i, r in enumerate(getattr(b, part).records)}
-    part, i = names["trunc.png"]
-    with pytest.raises(UserError, match="cannot decode image .*trunc.png"):  # found at load time, still named
-        getattr(b, part)[i]
+    assert b.info["skipped_unreadable"] == 3  # truncated, empty and junk
+    assert sorted(Path(e.split(":")[0]).name for e in b.info["unreadable_examples"]) == ["junk.png", "trunc.png", "zero.png"]
+    assert sum(map(len, (b.train, b.val, b.test))) == 9
+
+
+def test_verification_is_remembered_per_size_and_mtime(tmp_path: Path, png, monkeypatch) -> None:
+    import graftkd.data.datasets as ds
+
+    paths = [str(png(tmp_path / f"{i}.png", seed=i)) for i in range(5)]
+    calls: list[str] = []
+    real = ds.verify_file
+    monkeypatch.setattr(ds, "verify_file", lambda p: calls.append(p) or real(p))
+    memo = tmp_path / "memo.json"
+    first = verify_images(paths, memo)
+    assert sorted(calls) == sorted(paths) and first[paths[0]] == (40, 32)
+    calls.clear()
+    assert verify_images(paths, memo) == first and calls == []  # a rescan decodes nothing
+    data = Path(paths[2]).read_bytes()
+    Path(paths[2]).write_bytes(data[: len(data) // 2])  # changed size (and mtime): decoded again
+    again = verify_images(paths, memo)
+    assert calls == [paths[2]] and isinstance(again[paths[2]], str)
+    calls.clear()
+    assert verify_images(paths, memo)[paths[2]] == again[paths[2]] and calls == []  # bad results remembered too
+    memo.write_text("{not json")
+    assert verify_images(paths, memo) == again  # a broken memo only costs time
 
 
 def test_transforms_presets() -> None:

@@ -85,8 +85,8 @@ def test_cifar_missing_file_says_what_to_put_where(tmp_path: Path) -> None:
 def test_cifar_bundle_predefined_split(tmp_path: Path) -> None:
     _write_tar(tmp_path, "cifar10")
     cfg = DataConfig(source="cifar10", root=tmp_path, image_size=32, augment="cifar",
-                     split=SplitConfig(kind="predefined", val_fraction=0.2))
-    b = build_data(cfg, seed=0, run_dir=tmp_path / "run")
+                     split=SplitConfig(kind="predefined", val_fraction=0.2, on_empty_class="warn"))
+    b = build_data(cfg, seed=0, run_dir=tmp_path / "run")  # 10 classes, 6 val and 6 test images
     assert (len(b.train), len(b.val), len(b.test)) == (24, 6, 6)
     assert b.mean == (0.4914, 0.4822, 0.4465)
     item = b.test[0]

@@ -95,7 +95,7 @@ def test_breakhis_name_round_trip(code, year, pid, mag, seq, ext):
     p = parse_name(f"SOB_{cls}_{code}-{year:02d}-{pid}-{mag}-{seq:03d}{ext}")
     assert p is not None
     assert (p.code, p.subtype, p.tumor_class, p.magnification, p.seq) == (code, folder, tumor, mag, seq)
-    assert p.patient == f"SOB_{cls}_{code}-{year:02d}-{pid}"
+    assert p.slide == f"SOB_{cls}_{code}-{year:02d}-{pid}"
     wrong = "M" if cls == "B" else "B"
     assert parse_name(f"SOB_{wrong}_{code}-{year:02d}-{pid}-{mag}-{seq:03d}{ext}") is None
 

@@ -1,13 +1,19 @@
 """BreakHis (BreaKHis v1) reader: recursive scan, file-name parsing, folder cross-check.
 
-File ``SOB_B_A-14-22549AB-40-001.png`` = procedure SOB, class B|M, subtype code, year, patient
-(slide) id, magnification, sequence. The patient key is everything before the magnification
-field (``SOB_B_A-14-22549AB``), shared across magnifications. Patient folders use ``_`` before
-the year (``SOB_B_A_14-22549AB``) where file names use ``-``.
+File ``SOB_B_A-14-22549AB-40-001.png`` = procedure SOB, class B|M, subtype code, year, slide id,
+magnification, sequence. The *slide* is everything before the magnification field
+(``SOB_B_A-14-22549AB``); patient folders use ``_`` before the year (``SOB_B_A_14-22549AB``).
+
+The *patient* (the group every split is made on) is the year and slide number **without the
+class and subtype**: one patient with ductal and lobular carcinoma has slides ``SOB_M_DC-14-13412``
+and ``SOB_M_LC-14-13412`` and both belong to patient ``14-13412``. A slide id is a number with an
+optional letter suffix (``22549AB``, ``22549G``); ``patient_suffix='merge'`` (the default, leak-free)
+drops the suffix so ids that differ only by it are one patient (``14-22549``), ``'keep'`` keeps it.
 """
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +52,22 @@ class ParsedName:
     tumor_class: str  # benign | malignant
     subtype: str  # folder name, e.g. adenosis
     code: str  # A, F, PT, TA, DC, LC, MC, PC
-    patient: str  # SOB_B_A-14-22549AB
+    slide: str  # SOB_B_A-14-22549AB
+    year: str  # 14
+    pid: str  # 22549AB
     magnification: int
     seq: int
+
+    def patient_key(self, suffix: str = "merge") -> str:
+        """The patient: ``<year>-<slide number>`` (``14-22549``), with the id's letter suffix when
+        ``suffix='keep'`` (``14-22549AB``). Class and subtype are never part of it."""
+        number = re.match(r"\d*", self.pid).group(0) or self.pid  # type: ignore[union-attr]
+        return f"{self.year}-{number if suffix == 'merge' else self.pid}"
+
+    @property
+    def patient(self) -> str:
+        """The patient under the default (leak-free) rule."""
+        return self.patient_key("merge")
 
 
 def parse_name(name: str) -> ParsedName | None:
@@ -60,7 +79,7 @@ def parse_name(name: str) -> ParsedName | None:
     folder, tumor_class = SUBTYPES[code]
     if CLASS_CODE[m["cls"]] != tumor_class:
         return None  # e.g. SOB_M_A: adenosis is benign
-    return ParsedName(tumor_class, folder, code, f"SOB_{m['cls']}_{code}-{m['year']}-{m['pid']}",
+    return ParsedName(tumor_class, folder, code, f"SOB_{m['cls']}_{code}-{m['year']}-{m['pid']}", m["year"], m["pid"],
                       int(m["mag"]), int(m["seq"]))
 
 
@@ -79,20 +98,22 @@ def folder_conflict(parsed: ParsedName, rel_dirs: tuple[str, ...]) -> str | None
         pm = PATIENT_DIR_RE.match(d)
         if pm is not None:
             folder_patient = f"SOB_{pm['cls']}_{pm['sub']}-{pm['year']}-{pm['pid']}"
-            if folder_patient != parsed.patient:
-                return f"patient folder '{d}' but the name says {parsed.patient}"
+            if folder_patient != parsed.slide:
+                return f"patient folder '{d}' but the name says {parsed.slide}"
         mm = MAG_DIR_RE.match(d)
         if mm is not None and int(mm["mag"]) != parsed.magnification:
             return f"magnification folder '{d}' but the name says {parsed.magnification}X"
     return None
 
 
-def read_breakhis(root: Path, task: str, magnification: str, on_bad_file: str) -> tuple[list[Record], dict]:
+def read_breakhis(root: Path, task: str, magnification: str, on_bad_file: str,
+                  patient_suffix: str = "merge") -> tuple[list[Record], dict]:
     """Scan ``root`` recursively for BreakHis images; returns records and a report.
 
     Hidden files (``._SOB...`` AppleDouble copies) are ignored. A name that does not parse or that
     contradicts its folders raises UserError naming the path, or with ``on_bad_file='skip'`` is
-    counted in the report (``skipped_names``) and left out.
+    counted in the report (``skipped_names``) and left out. Record groups are patients (see the
+    module docstring); ``merged_patients`` in the report lists every patient made of several slides.
     """
     root = Path(root)
     if not root.is_dir():
@@ -118,9 +139,18 @@ def read_breakhis(root: Path, task: str, magnification: str, on_bad_file: str) -
         if magnification != "all" and parsed.magnification != int(magnification):
             continue
         label = classes.index(parsed.tumor_class if task == "binary" else parsed.subtype)
-        records.append(Record(str(p), label, parsed.patient,
+        records.append(Record(str(p), label, parsed.patient_key(patient_suffix),
                               {"magnification": parsed.magnification, "subtype": parsed.subtype,
-                               "tumor_class": parsed.tumor_class}))
+                               "tumor_class": parsed.tumor_class, "slide": parsed.slide}))
     if not records:
         raise UserError(f"no BreakHis images under {root} match magnification={magnification}")
-    return records, {"classes": list(classes), "skipped_names": len(skipped), "skipped_examples": skipped[:5]}
+    return records, {"classes": list(classes), "skipped_names": len(skipped), "skipped_examples": skipped[:5],
+                     "patient_suffix": patient_suffix, "merged_patients": merged_patients(records)}
+
+
+def merged_patients(records: list[Record]) -> dict[str, list[str]]:
+    """``{patient: [slides]}`` for every patient with more than one slide id (sorted)."""
+    slides: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        slides[r.group].add(r.meta["slide"])
+    return {g: sorted(s) for g, s in sorted(slides.items()) if len(s) > 1}

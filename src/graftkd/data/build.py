@@ -1,7 +1,9 @@
 """``build_data``: source -> records -> group split (written as splits.csv) -> few-shot -> datasets."""
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -11,9 +13,9 @@ import numpy as np
 from graftkd.config import DataConfig
 from graftkd.data.breakhis import read_breakhis
 from graftkd.data.cifar import read_cifar
-from graftkd.data.datasets import ArrayDataset, FileDataset, probe_size
+from graftkd.data.datasets import ArrayDataset, FileDataset, verify_images
 from graftkd.data.sources import read_csv_manifest, read_folder
-from graftkd.data.splits import SPLITS, _read_csv, assign_splits, record_key, write_splits
+from graftkd.data.splits import SPLITS, _read_csv, assign_splits, check_class_coverage, record_key, write_splits
 from graftkd.data.synthetic import ensure_tree, tree_key
 from graftkd.data.transforms import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN,
                                      IMAGENET_STD, base_side, eval_transform, train_transform)
@@ -157,7 +159,7 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
             info["synthetic"] = {"root": str(root), "key": tree_key(cfg.synthetic)}
         if root is None:
             raise UserError("data.source=breakhis needs data.root (an unpacked BreaKHis_v1 or a folder below it)")
-        records, report = read_breakhis(root, cfg.task, cfg.magnification, cfg.on_bad_file)
+        records, report = read_breakhis(root, cfg.task, cfg.magnification, cfg.on_bad_file, cfg.patient_suffix)
         classes = report.pop("classes")
     elif cfg.source in ("cifar10", "cifar100"):
         array, records, classes = read_cifar(cfg.source, root)  # type: ignore[arg-type]
@@ -168,16 +170,14 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
         records, classes, report = read_csv_manifest(root, cfg.on_bad_file)  # type: ignore[arg-type]
         root = root.parent if root is not None else None
     info.update(report)
-    if array is None:  # header probe: cheap check of every file, and the sizes the decoded cache needs
-        bad = []
-        for r in records:
-            size = probe_size(r.path)  # type: ignore[arg-type]
-            if isinstance(size, str):
-                if cfg.on_bad_file == "error":
-                    raise UserError(f"cannot read image {r.path}: {size} (set data.on_bad_file=skip to leave it out)")
-                bad.append(f"{r.path}: {size}")
-            else:
-                sizes[r.path] = size  # type: ignore[index]
+    if array is None:  # every file fully decoded once (remembered per size and mtime): the sizes the cache needs
+        memo = work / ".cache" / "verified" / f"{hashlib.sha1(str(Path(root or '.').resolve()).encode()).hexdigest()[:16]}.json"
+        checked = verify_images([r.path for r in records], memo)  # type: ignore[misc]
+        bad = [f"{p}: {v}" for p, v in checked.items() if isinstance(v, str)]
+        if bad and cfg.on_bad_file == "error":
+            raise UserError(f"cannot decode image {bad[0]} (set data.on_bad_file=skip to leave such files out"
+                            + (f"; {len(bad) - 1} more" if len(bad) > 1 else "") + ")")
+        sizes = {p: v for p, v in checked.items() if not isinstance(v, str)}  # type: ignore[misc]
         records = [r for r in records if r.path in sizes]
         info["skipped_unreadable"] = len(bad)
         if bad:
@@ -185,6 +185,11 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
         if not records:
             raise UserError(f"no readable images in {cfg.root}")
     assign, split_desc = assign_splits(records, cfg.split, seed, root)
+    empty = check_class_coverage(records, assign, classes, cfg.split)
+    if empty:
+        split_desc["empty_classes"] = empty
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"graftkd: warning: the split leaves {'; '.join(empty)}", file=sys.stderr)
     if run_dir is not None:
         write_splits(Path(run_dir) / "splits.csv", records, assign, root)
         split_desc["written"] = str(Path(run_dir) / "splits.csv")

@@ -54,6 +54,12 @@ def summary_table(bundle: DataBundle) -> str:
     for key in ("skipped_names", "skipped_unreadable", "missing_files"):
         if info.get(key):
             out.append(f"{key.replace('_', ' ')}: {info[key]}")
+    merged = info.get("merged_patients") or {}
+    if merged:
+        out.append(f"merged patient ids ({len(merged)}, data.patient_suffix={info.get('patient_suffix')}): "
+                   + "; ".join(f"{g} = {' + '.join(slides)}" for g, slides in merged.items()))
+    for problem in info["split"].get("empty_classes", []):
+        out.append(f"warning: {problem}")
     out += ["", _table("class", _rows(parts, lambda r: bundle.classes[r.label]))]
     first = next((r for recs in parts.values() for r in recs), None)
     if first is not None and "subtype" in first.meta:

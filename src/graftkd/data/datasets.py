@@ -10,6 +10,7 @@ import abc
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,7 @@ from graftkd.engine.io import atomic_write_json
 from graftkd.errors import UserError
 
 CACHE_VERSION = 1
+VERIFY_VERSION = 1
 
 
 def decode_file(path: str) -> torch.Tensor:
@@ -52,16 +54,78 @@ def decode_file(path: str) -> torch.Tensor:
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def probe_size(path: str) -> tuple[int, int] | str:
-    """(width, height) from the file header, or the reason it cannot be read (cheap: no decode)."""
+def _reason(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def verify_file(path: str) -> tuple[int, int] | str:
+    """(width, height) of a **fully decoded** image, or the reason it cannot be decoded.
+
+    PIL decodes (it releases the GIL, so threads run in parallel); what PIL cannot read is tried with
+    ``decode_file``, the loader's own decoder, so a file passes exactly when training can load it.
+    """
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
         with Image.open(path) as im:
+            im.load()
             w, h = im.size
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        try:
+            img = decode_file(path)
+        except UserError:
+            return _reason(e).replace(f" '{path}'", "").replace(f" {path}", "")  # the path is named by the caller
+        w, h = img.shape[2], img.shape[1]
     return (w, h) if w > 0 and h > 0 else "image has zero size"
+
+
+def _stat_or_none(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def verify_images(paths: Sequence[str], memo: Path | None = None,
+                  workers: int | None = None) -> dict[str, tuple[int, int] | str]:
+    """Fully decode every file, in parallel threads: ``{path: (width, height) or reason}``.
+
+    ``memo`` (a JSON file) remembers each result with the file's size and modification time, so a
+    rescan only decodes new or changed files. The memo is a cache: failing to read or write it only
+    costs time.
+    """
+    known: dict[str, list] = {}
+    if memo is not None and memo.is_file():
+        try:
+            data = json.loads(memo.read_text())
+            known = data["files"] if data.get("version") == VERIFY_VERSION else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            known = {}
+    out: dict[str, tuple[int, int] | str] = {}
+    todo: list[tuple[str, list[int]]] = []
+    for p in paths:
+        st = _stat_or_none(p)
+        if st is None:
+            out[p] = "cannot read the file (missing or no permission)"
+            continue
+        entry = known.get(p)
+        if entry is not None and entry[:2] == st:
+            out[p] = tuple(entry[2]) if isinstance(entry[2], list) else entry[2]  # type: ignore[assignment]
+        else:
+            todo.append((p, st))
+    if todo:
+        n = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=max(1, n)) as pool:
+            for (p, st), result in zip(todo, pool.map(verify_file, [p for p, _ in todo])):
+                out[p] = result
+                known[p] = [*st, list(result) if isinstance(result, tuple) else result]
+        if memo is not None:
+            try:
+                atomic_write_json(memo, {"version": VERIFY_VERSION, "files": known})
+            except UserError:
+                pass
+    return out
 
 
 def base_shape(width: int, height: int, side: int) -> tuple[int, int]:
@@ -186,7 +250,7 @@ class FileDataset(ViewDatasetBase):
         self.cache: DecodedCache | None = None
         if cache != "none" and self.records:
             if sizes is None:
-                sizes = [_probe_or_raise(r.path) for r in self.records]
+                sizes = [_verified_or_raise(r.path) for r in self.records]
             shapes = [base_shape(w, h, side) for w, h in sizes]
             key_parts = [[r.path, *_stat(r.path)] for r in self.records] + [side]
             self.cache = DecodedCache(shapes, cache, cache_dir, key_parts)
@@ -222,8 +286,8 @@ class ArrayDataset(ViewDatasetBase):
         return torch.from_numpy(np.ascontiguousarray(self.array[self.rows[i]])).permute(2, 0, 1).contiguous()
 
 
-def _probe_or_raise(path: str | None) -> tuple[int, int]:
-    size = probe_size(str(path))
+def _verified_or_raise(path: str | None) -> tuple[int, int]:
+    size = verify_file(str(path))
     if isinstance(size, str):
         raise UserError(f"cannot read image {path}: {size}")
     return size

@@ -22,17 +22,19 @@ from graftkd.errors import UserError
 SPLITS = ("train", "val", "test")
 
 
-def group_strata(records: Sequence[Record]) -> dict[str, str]:
-    """Stratum of every group: the subtype when records carry one (BreakHis), else the majority label."""
+def group_strata(records: Sequence[Record]) -> dict[str, tuple[int, str]]:
+    """Stratum of every group: (class, subtype) when records carry a subtype (BreakHis), else
+    (class, ""); a group whose records disagree takes its most frequent pair."""
     votes: dict[str, Counter] = defaultdict(Counter)
     for r in records:
-        votes[r.group][str(r.meta.get("subtype", r.label))] += 1
+        votes[r.group][(r.label, str(r.meta.get("subtype", "")))] += 1
     return {g: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for g, c in votes.items()}
 
 
-def _shuffled_strata(groups: Sequence[str], strata: dict[str, str], rng: np.random.Generator) -> list[list[str]]:
+def _shuffled_strata(groups: Sequence[str], strata: dict[str, tuple[int, str]],
+                     rng: np.random.Generator) -> list[list[str]]:
     """Groups by stratum, shuffled within each stratum, strata in a seeded random order."""
-    by: dict[str, list[str]] = defaultdict(list)
+    by: dict[tuple[int, str], list[str]] = defaultdict(list)
     for g in sorted(set(groups)):
         by[strata[g]].append(g)
     blocks = [[members[j] for j in rng.permutation(len(members))] for _, members in sorted(by.items())]
@@ -41,8 +43,9 @@ def _shuffled_strata(groups: Sequence[str], strata: dict[str, str], rng: np.rand
 
 def deal(n: int, fractions: Sequence[float]) -> list[int]:
     """Part index for positions 0..n-1 such that every prefix is as close as possible to the fractions
-    (largest deficit first; position 0 always goes to part 0, train). Dealt over groups ordered by stratum, it gives exact overall proportions
-    and per-stratum proportions within one group, even when strata hold only one or two groups."""
+    (largest deficit first; position 0 always goes to part 0, train). Dealt over groups ordered by
+    stratum, it gives exact proportions and per-stratum proportions within one group, even when
+    strata hold only one or two groups; 4 groups or more give every part at least one (0.6/0.2/0.2)."""
     target = np.asarray(fractions, dtype=float) / float(sum(fractions))
     counts = np.zeros(len(target))
     out = []
@@ -53,15 +56,20 @@ def deal(n: int, fractions: Sequence[float]) -> list[int]:
     return out
 
 
-def split_fraction(groups: Sequence[str], strata: dict[str, str], fractions: Sequence[float], names: Sequence[str],
-                   seed: int) -> dict[str, str]:
-    """Stratified, seeded group split by fractions -> {group: name}."""
+def split_fraction(groups: Sequence[str], strata: dict[str, tuple[int, str]], fractions: Sequence[float],
+                   names: Sequence[str], seed: int) -> dict[str, str]:
+    """Stratified, seeded group split by fractions -> {group: name}. Each class is dealt on its own
+    (its subtypes in a seeded order), so every class gets its share of every part, not just the total."""
     rng = np.random.default_rng(seed)
-    ordered = [g for block in _shuffled_strata(groups, strata, rng) for g in block]
-    return {g: names[j] for g, j in zip(ordered, deal(len(ordered), fractions))}
+    out: dict[str, str] = {}
+    for label in sorted({strata[g][0] for g in groups}):
+        members = [g for g in groups if strata[g][0] == label]
+        ordered = [g for block in _shuffled_strata(members, strata, rng) for g in block]
+        out.update({g: names[j] for g, j in zip(ordered, deal(len(ordered), fractions))})
+    return out
 
 
-def split_kfold(groups: Sequence[str], strata: dict[str, str], k: int, seed: int) -> dict[str, int]:
+def split_kfold(groups: Sequence[str], strata: dict[str, tuple[int, str]], k: int, seed: int) -> dict[str, int]:
     """Stratified, seeded k-fold assignment of groups -> {group: fold}; fold sizes differ by at most one."""
     rng = np.random.default_rng(seed)
     out: dict[str, int] = {}
@@ -73,7 +81,7 @@ def split_kfold(groups: Sequence[str], strata: dict[str, str], k: int, seed: int
     return out
 
 
-def carve_val(assign: dict[str, str], strata: dict[str, str], val_fraction: float, seed: int) -> dict[str, str]:
+def carve_val(assign: dict[str, str], strata: dict[str, tuple[int, str]], val_fraction: float, seed: int) -> dict[str, str]:
     """Move a stratified ``val_fraction`` of the train groups to val."""
     if val_fraction <= 0:
         return assign
@@ -174,6 +182,37 @@ def check_groups(records: Sequence[Record], assign: Sequence[str], source: str) 
     for r, s in zip(records, assign):
         if seen.setdefault(r.group, s) != s:
             raise UserError(f"{source}: group {r.group!r} appears in both {seen[r.group]} and {s}")
+
+
+def expected_parts(cfg: SplitConfig, records: Sequence[Record], assign: Sequence[str]) -> list[str]:
+    """The parts the split is meant to fill: a fraction of 0 (or ``val_fraction=0`` with no given val)
+    leaves a part empty on purpose; a split file fills the parts it names."""
+    if cfg.file is not None:
+        return [s for s in SPLITS if s in set(assign)]
+    if cfg.kind == "fraction":
+        return [s for s, f in zip(SPLITS, (cfg.train, cfg.val, cfg.test)) if f > 0]
+    given = {r.meta.get("split") for r in records} if cfg.kind == "predefined" else {"train", "test"}
+    return [s for s in SPLITS if s in given or (s == "val" and cfg.val_fraction > 0)]
+
+
+def check_class_coverage(records: Sequence[Record], assign: Sequence[str], classes: Sequence[str],
+                         cfg: SplitConfig) -> list[str]:
+    """Problems of a split that leaves a class (one that has images) without images in a part it
+    should fill (``expected_parts``). ``cfg.on_empty_class='error'``: UserError naming the classes;
+    ``'warn'``: the problems are returned."""
+    have: dict[str, set[int]] = {s: set() for s in SPLITS}
+    for r, s in zip(records, assign):
+        have[s].add(r.label)
+    present = sorted({r.label for r in records})
+    problems = []
+    for s in expected_parts(cfg, records, assign):
+        lacking = [f"'{classes[c]}'" for c in present if c not in have[s]]
+        if lacking:
+            problems.append(f"no {s} images of class {', '.join(lacking)}")
+    if problems and cfg.on_empty_class == "error":
+        raise UserError(f"the split leaves {'; '.join(problems)} (use more patients, other split fractions or "
+                        f"another data.split.seed, or set data.split.on_empty_class=warn)")
+    return problems
 
 
 def assign_splits(records: Sequence[Record], cfg: SplitConfig, seed: int, root: Path | None) -> tuple[list[str], dict]:
