@@ -65,10 +65,21 @@ class SyntheticConfig(Strict):
     """Synthetic H&E-like histology in the BreakHis layout (the embedded default)."""
 
     patients: int = Field(24, ge=8, description="patients in total (>= 8: every subtype gets one)")
-    images_per_patient: int = Field(8, ge=1, description="images per patient and magnification")
+    images_per_patient: int = Field(8, ge=1, description="images per patient and magnification (with "
+                                                          "images_per_patient_max: the fewest)")
+    images_per_patient_max: int | None = Field(None, ge=1, description="each patient draws its image count "
+                                                                       "uniformly from images_per_patient..this "
+                                                                       "(same at every magnification); None: all equal")
     size: tuple[int, int] = Field((128, 128), description="width, height in pixels")
     magnifications: list[Literal[40, 100, 200, 400]] = [40, 100, 200, 400]
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _range(self) -> "SyntheticConfig":
+        if self.images_per_patient_max is not None and self.images_per_patient_max < self.images_per_patient:
+            raise ValueError(f"images_per_patient_max = {self.images_per_patient_max} < images_per_patient = "
+                             f"{self.images_per_patient}")
+        return self
 
 
 class DataConfig(Strict):

@@ -80,3 +80,18 @@ def test_cli_synth_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert "size must be WxH" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "y"), "--patients", "3"]) == 2  # config validation -> one-line error
     assert "--patients: Input should be greater than or equal to 8" in capsys.readouterr().err
+
+
+def test_images_per_patient_can_vary_and_older_tree_keys_stay(tmp_path: Path) -> None:
+    from collections import Counter
+
+    fixed = SyntheticConfig(patients=8, images_per_patient=2, size=(24, 24), magnifications=[40, 100])
+    varying = fixed.model_copy(update={"images_per_patient_max": 5})
+    assert tree_key(fixed) == tree_key(SyntheticConfig.model_validate(fixed.model_dump())) != tree_key(varying)
+    generate_tree(tmp_path / "v", varying)
+    per = Counter((p.parent.parent.name, p.parent.name) for p in (tmp_path / "v").rglob("*.png"))
+    counts = [per[(pid, "40X")] for pid, mag in per if mag == "40X"]
+    assert len(counts) == 8 and all(2 <= c <= 5 for c in counts) and len(set(counts)) > 1
+    assert all(per[(pid, "100X")] == per[(pid, "40X")] for pid, _ in per)  # same count at every magnification
+    with pytest.raises(ValueError, match="images_per_patient_max = 1 < images_per_patient = 2"):
+        SyntheticConfig(images_per_patient=2, images_per_patient_max=1)

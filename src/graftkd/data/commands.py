@@ -111,5 +111,7 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=_size, help="image size WxH (default: data.synthetic.size, 128x128)")
     p.add_argument("--images-per-patient", type=int,
                    help="images per patient and magnification (default: data.synthetic.images_per_patient, 8)")
+    p.add_argument("--images-per-patient-max", type=int,
+                   help="draw each patient's image count from images-per-patient..this (default: all equal)")
     p.add_argument("--magnifications", type=int, nargs="+", help="subset of 40 100 200 400 (default: all)")
     p.add_argument("--seed", type=int, help="generator seed (default: data.synthetic.seed, 0)")

@@ -57,7 +57,8 @@ IMAGE_SD = 0.08
 
 def tree_key(cfg: SyntheticConfig) -> str:
     """Short hash of the synthetic config and generator version (the cache folder name)."""
-    blob = json.dumps({"v": GENERATOR_VERSION, **cfg.model_dump(mode="json")}, sort_keys=True)
+    fields = cfg.model_dump(mode="json", exclude={"images_per_patient_max"} if cfg.images_per_patient_max is None else None)
+    blob = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)  # keys of older trees unchanged
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -197,6 +198,15 @@ def image_params(pp: dict[str, float | np.ndarray], count: int, rng: np.random.G
     return out
 
 
+def images_of_patient(cfg: SyntheticConfig, i: int) -> int:
+    """Images per magnification of patient i: fixed, or drawn from its own generator (so the other
+    draws of a patient do not change with the option)."""
+    if cfg.images_per_patient_max is None:
+        return cfg.images_per_patient
+    return int(np.random.default_rng([cfg.seed, i, 0xC0]).integers(cfg.images_per_patient,
+                                                                    cfg.images_per_patient_max + 1))
+
+
 def generate_tree(out: Path, cfg: SyntheticConfig) -> dict:
     """Write the synthetic tree under ``out`` (must not exist or be empty) atomically; returns its manifest.
 
@@ -221,9 +231,10 @@ def generate_tree(out: Path, cfg: SyntheticConfig) -> dict:
             pp = patient_params(code, rng)
             patient_dir = (stage / "BreaKHis_v1/histology_slides/breast" / tumor_class / "SOB" / subtype
                            / f"SOB_{letter}_{code}_14-{pid}")
+            count = images_of_patient(cfg, i)
             for mag in cfg.magnifications:
                 mrng = np.random.default_rng([cfg.seed, i, mag])
-                imgs = render(image_params(pp, cfg.images_per_patient, mrng), (width, height), mag, mrng)
+                imgs = render(image_params(pp, count, mrng), (width, height), mag, mrng)
                 folder = patient_dir / f"{mag}X"
                 folder.mkdir(parents=True, exist_ok=True)
                 for j in range(len(imgs)):
@@ -262,7 +273,8 @@ def run_synth(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     try:
-        given = {k: getattr(args, k) for k in ("patients", "images_per_patient", "size", "magnifications", "seed")}
+        given = {k: getattr(args, k) for k in ("patients", "images_per_patient", "images_per_patient_max", "size",
+                                               "magnifications", "seed")}
         cfg = SyntheticConfig(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         raise UserError("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"
