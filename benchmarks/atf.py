@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from graftkd.config import ExperimentConfig, config_to_yaml, load_config
-from graftkd.engine.io import atomic_write_json
-from graftkd.engine.run import execute, read_metrics
+from graftkd.files import atomic_write_json
+from graftkd.experiment import execute, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER_CFG = ROOT / "configs" / "synthetic" / "atf_teacher.yaml"

@@ -24,7 +24,7 @@ from graftkd.data.breakhis import read_breakhis
 from graftkd.data.datasets import FileDataset, ViewDatasetBase
 from graftkd.data.synthetic import generate_tree
 from graftkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD, base_side, eval_transform, train_transform
-from graftkd.engine.io import atomic_write_json
+from graftkd.files import atomic_write_json
 from graftkd.models import create_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_throughput.json"

@@ -68,7 +68,7 @@ def data_overrides(manifest: Path) -> list[str]:
 def train_teacher(manifest: Path, out: Path, arch: str, epochs: int = 30) -> Path:
     """Supervised teacher on the full train split, selected on validation; returns its model.pt."""
     from graftkd.config import load_config
-    from graftkd.engine.run import execute
+    from graftkd.experiment import execute
 
     model = out / f"teacher_{arch}" / "model.pt"
     if model.is_file():

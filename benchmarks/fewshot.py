@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from graftkd.config import load_config
-from graftkd.engine.run import execute, read_metrics
+from graftkd.experiment import execute, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "synthetic" / "graft_fewshot.yaml"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from graftkd.engine.io import atomic_write_json
+from graftkd.files import atomic_write_json
 from graftkd.eval.latency import profile_model
 from graftkd.models import create_model
 

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from graftkd.config import ExperimentConfig, validate_config
-from graftkd.engine.distributed import DistContext
-from graftkd.engine.io import atomic_write_json
-from graftkd.engine.run import build_student_factory
+from graftkd.distributed import DistContext
+from graftkd.files import atomic_write_json
+from graftkd.experiment import build_student_factory
 from graftkd.engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent

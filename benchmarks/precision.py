@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_data import data_overrides  # noqa: E402
 
 from graftkd.config import load_config  # noqa: E402
-from graftkd.engine.run import execute, read_metrics  # noqa: E402
-from graftkd.engine.trainer import cpu_native_bf16  # noqa: E402
+from graftkd.experiment import execute, read_metrics  # noqa: E402
+from graftkd.runtime import cpu_native_bf16  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("scratch", "kd")

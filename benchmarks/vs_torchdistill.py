@@ -186,8 +186,8 @@ class GraftkdWorker:
 
             import graftkd.methods  # noqa: F401  registers the methods
             from graftkd.config import validate_config
-            from graftkd.engine.distributed import DistContext
-            from graftkd.engine.run import build_student_factory
+            from graftkd.distributed import DistContext
+            from graftkd.experiment import build_student_factory
             from graftkd.methods.base import METHODS
 
             cfg = validate_config(self._raw(name), f"benchmark variant {name}")
@@ -224,7 +224,8 @@ class GraftkdWorker:
                 "cache_build": self.cache_build if name == "gk_cached" else None}
 
     def _data_only(self, warmup: bool) -> dict[str, Any]:
-        from graftkd.engine.trainer import EpochSampler, derived_seed, make_loader
+        from graftkd.data.loaders import EpochSampler, make_loader
+        from graftkd.runtime import derived_seed
 
         if "gk_data" not in self.methods:
             self.methods["gk_data"] = (None, self._data("gk_data"), None)

@@ -7,7 +7,7 @@ import torch
 from torchvision.io import write_png
 
 from graftkd.cli import main
-from graftkd.engine.io import load_checkpoint
+from graftkd.files import load_checkpoint
 
 
 def make_folder(root, n=12):

@@ -7,7 +7,7 @@ import yaml
 
 from graftkd.cli import main
 from graftkd.config import load_config
-from graftkd.engine.run import execute
+from graftkd.experiment import execute
 from graftkd.errors import UserError
 from graftkd.study import build_jobs, load_study, paired_bootstrap
 

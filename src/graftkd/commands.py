@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace, supervised: bool) -> int:
         from graftkd.engine.launch import relaunch_with_torchrun
 
         return relaunch_with_torchrun(args.nproc)
-    from graftkd.engine.run import execute, read_metrics
+    from graftkd.experiment import execute, read_metrics
 
     run_dir = execute(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:

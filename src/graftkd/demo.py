@@ -82,8 +82,8 @@ def format_table(rows: list[dict[str, Any]], ensemble_ms_b64: float | None) -> s
 
 def run_demo(quick: bool = False, data_root: str | None = None, out: str | Path = "runs/demo") -> int:
     """Run the pipeline; prints progress lines, the summary table and where everything is."""
-    from graftkd.engine.io import atomic_write_json, atomic_write_text
-    from graftkd.engine.run import execute, read_metrics
+    from graftkd.files import atomic_write_json, atomic_write_text
+    from graftkd.experiment import execute, read_metrics
     from graftkd.eval.latency import latency_entry, profile_model
     from graftkd.eval.report import write_report
     from graftkd.export import export_model

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from graftkd.engine.io import atomic_write_bytes, atomic_write_json
+from graftkd.files import atomic_write_bytes, atomic_write_json
 from graftkd.errors import UserError
 
 FORMATS = ("safetensors", "onnx")

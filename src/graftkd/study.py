@@ -183,7 +183,7 @@ def finished(job: Job, fp: str) -> bool:
 
 def _run_job(job: Job, jobs: int, log_dir: Path) -> None:
     if jobs == 1:
-        from graftkd.engine.run import execute
+        from graftkd.experiment import execute
 
         execute(job.cfg, overwrite=True)
         return
@@ -200,7 +200,7 @@ def _run_job(job: Job, jobs: int, log_dir: Path) -> None:
 
 def run_jobs(jobs: list[Job], revision: str, parallel: int, log_dir: Path) -> dict[str, bool]:
     """Run what is not finished (``parallel`` at once); returns run name -> reused."""
-    from graftkd.engine.io import atomic_write_json
+    from graftkd.files import atomic_write_json
 
     shas: dict[str, str] = {}
     prints = {j.cfg.name: fingerprint(j.cfg, revision, shas) for j in jobs}
@@ -384,7 +384,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     ensembles as dashed lines."""
     from matplotlib.figure import Figure
 
-    from graftkd.engine.io import atomic_write_bytes
+    from graftkd.files import atomic_write_bytes
     from graftkd.eval.report import _png
 
     shots = list(dict.fromkeys(r["shots"] for r in rows))
@@ -410,7 +410,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 def compare(study_path: Path, overrides: list[str] | tuple[str, ...] = (), jobs: int = 1,
             results: Path | None = None, command: str | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Run (or reuse) every run of the study and write compare.json, compare.md and compare.png."""
-    from graftkd.engine.io import atomic_write_json, atomic_write_text
+    from graftkd.files import atomic_write_json, atomic_write_text
 
     study = load_study(study_path, overrides)
     all_jobs = build_jobs(study)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from graftkd.config import load_config
-from graftkd.engine.io import load_checkpoint, save_checkpoint
+from graftkd.files import load_checkpoint, save_checkpoint
 from graftkd.engine.trainer import Trainer, TrainingDiverged, lr_factor
 from graftkd.errors import UserError
 from graftkd.methods.base import Method, OptimSpec, Phase
@@ -179,7 +179,7 @@ def test_lr_schedule_shapes():
     ("bf16", False, ["method={name: atf}"], "bf16"),  # asked for: honoured
 ])
 def test_precision_auto_follows_cpu_bf16_and_standardisation(tmp_path, monkeypatch, asked, native, method, ran):
-    import graftkd.engine.trainer as T
+    import graftkd.runtime as T
 
     monkeypatch.setattr(T, "cpu_native_bf16", lambda: native)
     cfg = make_cfg(tmp_path, f"trainer.precision={asked}", *method)

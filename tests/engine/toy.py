@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from graftkd.data.types import Record
-from graftkd.engine.trainer import derived_seed
+from graftkd.runtime import derived_seed
 
 
 class ToyViews(torch.utils.data.Dataset):

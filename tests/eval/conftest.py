@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from graftkd.config import ExperimentConfig
-from graftkd.engine.distributed import DistContext
-from graftkd.engine.run import save_resolved_config
+from graftkd.distributed import DistContext
+from graftkd.experiment import save_resolved_config
 from graftkd.data.types import Record
 from graftkd.eval.metrics import evaluate_predictions
 from graftkd.models import create_model, save_model_file

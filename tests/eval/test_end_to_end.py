@@ -7,7 +7,7 @@ from pathlib import Path
 
 from graftkd.cli import main
 from graftkd.config import validate_config
-from graftkd.engine.run import execute
+from graftkd.experiment import execute
 
 
 def test_run_evaluate_report_export_predict(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from graftkd.config import ExperimentConfig, TeacherConfig
 from graftkd.data.types import DataBundle
-from graftkd.engine.distributed import DistContext
+from graftkd.distributed import DistContext
 from graftkd.engine.trainer import Trainer
 from graftkd.methods.base import METHODS
 from graftkd.models import create_model

@@ -183,7 +183,7 @@ def test_refusals():
 
 def test_end_to_end_graft_run_on_synthetic(tmp_path):
     from graftkd.config import validate_config
-    from graftkd.engine.run import execute, read_metrics
+    from graftkd.experiment import execute, read_metrics
     from graftkd.models import load_model_file
 
     data = {"source": "synthetic", "image_size": 16, "batch_size": 8, "shots": 2,

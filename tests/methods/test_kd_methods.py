@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from graftkd.config import DKDMethod, DMLMethod, ExperimentConfig, KDMethod, ModelConfig, TeacherConfig
-from graftkd.engine.distributed import DistContext
+from graftkd.distributed import DistContext
 from graftkd.losses import dkd_loss
 from graftkd.methods.base import METHODS, StepContext
 from graftkd.models import create_model

@@ -5,7 +5,7 @@ import json
 import torch
 
 from graftkd.config import validate_config
-from graftkd.engine.run import execute
+from graftkd.experiment import execute
 
 
 def test_multi_teacher_kd_run_with_cache(tmp_path):

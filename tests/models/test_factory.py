@@ -82,7 +82,7 @@ def test_arch_mismatch(tmp_path):
 
 
 def test_state_dict_shape_mismatch_names_key(tmp_path):
-    from graftkd.engine.io import load_checkpoint, save_checkpoint
+    from graftkd.files import load_checkpoint, save_checkpoint
 
     _, path = _saved(tmp_path)
     state = load_checkpoint(path)
@@ -108,7 +108,7 @@ def test_truncated_file(tmp_path):
 
 
 def test_not_a_model_file(tmp_path):
-    from graftkd.engine.io import save_checkpoint
+    from graftkd.files import save_checkpoint
 
     path = save_checkpoint(tmp_path / "x.pt", {"kind": "trainer", "epoch": 3})
     with pytest.raises(UserError, match=r"x\.pt: not a model file"):

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.teachers.test_cache import _manifest, _setup  # noqa: E402
 
-from graftkd.engine.distributed import init_distributed  # noqa: E402
-from graftkd.engine.io import save_checkpoint  # noqa: E402
+from graftkd.distributed import init_distributed  # noqa: E402
+from graftkd.files import save_checkpoint  # noqa: E402
 from graftkd.teachers import SoftTargetCache  # noqa: E402
 
 

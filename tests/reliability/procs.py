@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from graftkd.engine.io import load_checkpoint
+from graftkd.files import load_checkpoint
 
 TOYTRAIN = Path(__file__).with_name("toytrain.py")
 SRC = Path(__file__).resolve().parents[2] / "src"

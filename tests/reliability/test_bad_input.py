@@ -12,9 +12,9 @@ import pytest
 import torch
 from torchvision.io import encode_png
 
-import graftkd.engine.io as gio
+import graftkd.files as gio
 from graftkd.cli import main
-from graftkd.engine.io import load_checkpoint
+from graftkd.files import load_checkpoint
 from graftkd.errors import UserError
 from graftkd.models import create_model, save_model_file
 

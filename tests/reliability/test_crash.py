@@ -7,7 +7,7 @@ import signal
 
 import torch
 
-from graftkd.engine.io import load_checkpoint
+from graftkd.files import load_checkpoint
 
 from .procs import check, final_weights, run_toy
 from .toytrain import train

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from graftkd.config import load_config
-from graftkd.engine.io import load_checkpoint, save_checkpoint
+from graftkd.files import load_checkpoint, save_checkpoint
 from graftkd.engine.trainer import Trainer
 from graftkd.errors import UserError
 from graftkd.methods.supervised import Supervised

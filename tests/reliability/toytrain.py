@@ -24,9 +24,9 @@ if __name__ == "__main__":
 
 from engine.toy import ToyNet, ToyViews  # noqa: E402
 
-import graftkd.engine.io as gio  # noqa: E402
+import graftkd.files as gio  # noqa: E402
 from graftkd.config import ExperimentConfig, load_config  # noqa: E402
-from graftkd.engine.distributed import DistContext, init_distributed  # noqa: E402
+from graftkd.distributed import DistContext, init_distributed  # noqa: E402
 from graftkd.engine.trainer import Trainer  # noqa: E402
 from graftkd.methods.supervised import Supervised  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from graftkd.data.types import DataBundle, Record
-from graftkd.engine.trainer import derived_seed
+from graftkd.runtime import derived_seed
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

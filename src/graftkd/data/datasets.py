@@ -22,7 +22,7 @@ from torchvision.transforms.v2 import functional as F
 
 from graftkd.data.transforms import mix_seed
 from graftkd.data.types import Record
-from graftkd.engine.io import atomic_write_json
+from graftkd.files import atomic_write_json
 from graftkd.errors import UserError
 
 CACHE_VERSION = 1

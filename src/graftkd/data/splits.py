@@ -16,7 +16,7 @@ import numpy as np
 
 from graftkd.config import SplitConfig
 from graftkd.data.types import Record
-from graftkd.engine.io import atomic_write_text
+from graftkd.files import atomic_write_text
 from graftkd.errors import UserError
 
 SPLITS = ("train", "val", "test")

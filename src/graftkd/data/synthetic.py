@@ -26,7 +26,7 @@ from torchvision.io import encode_png
 
 from graftkd.config import SyntheticConfig
 from graftkd.data.breakhis import SUBTYPES
-from graftkd.engine.io import atomic_write_json
+from graftkd.files import atomic_write_json
 from graftkd.errors import UserError
 
 GENERATOR_VERSION = 1

@@ -6,134 +6,33 @@ Resume is exact on CPU: the sampler order and every augmentation are functions o
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-from graftkd.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, TrainerConfig
-from graftkd.engine.distributed import DistContext
-from graftkd.engine.io import (atomic_write_text, load_checkpoint, read_log, remove_stale_temporaries,
-                               save_checkpoint)
+from graftkd.config import ExperimentConfig, OptimizerConfig, ScheduleConfig
+from graftkd.data.loaders import EpochSampler, eval_loader, make_loader
+from graftkd.distributed import DistContext
 from graftkd.errors import UserError
+from graftkd.files import atomic_write_text, load_checkpoint, read_log, remove_stale_temporaries, save_checkpoint
 from graftkd.methods.base import Method, OptimSpec, Phase, StepContext
+from graftkd.runtime import (autocast, autocast_dtype, configure_torch, derived_seed, predict, resolve_device,
+                             seed_everything, to_device)
 
 
 class TrainingDiverged(UserError):
     """A loss term became NaN or infinite; the last good checkpoint is kept."""
 
 
-# ------------------------------------------------------------------------------------- helpers
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device = 'cuda' but no CUDA device is available")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def cpu_native_bf16() -> bool:
-    """Whether torch reports native bf16 arithmetic on this CPU (AVX512-BF16 or AMX tiles)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def resolve_precision(cfg: ExperimentConfig, device: torch.device) -> tuple[str, str]:
-    """``(what runs, why)``: ``"bf16"`` (autocast) or ``"fp32"``. ``trainer.precision: auto`` is bf16 on
-    CUDA with bf16 and on CPUs with native bf16, fp32 elsewhere, and fp32 for a method that
-    standardises logits: bf16 rounds close logits to a tie and Z() divides by their spread."""
-    asked = cfg.trainer.precision
-    if asked != "auto":
-        return asked, "trainer.precision"
-    if getattr(cfg.method, "standardize", False):
-        return "fp32", "auto: method.standardize (Z() of bf16-rounded logits can divide by a zero spread)"
-    if device.type == "cuda":
-        return ("bf16", "auto: CUDA with bf16") if torch.cuda.is_bf16_supported() else ("fp32", "auto: CUDA without bf16")
-    if device.type == "cpu" and cpu_native_bf16():
-        return "bf16", f"auto: CPU with native bf16 (capability {torch.backends.cpu.get_cpu_capability()})"
-    return "fp32", f"auto: {device.type} without native bf16 (capability {torch.backends.cpu.get_cpu_capability()})"
-
-
-def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype ``resolve_precision`` picks: bf16, or None (fp32)."""
-    return torch.bfloat16 if resolve_precision(cfg, device)[0] == "bf16" else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes and runs)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-class EpochSampler(Sampler[int]):
-    """Seeded permutation per (seed, phase, epoch), sharded across ranks: rank r takes items
-    r, r + W, r + 2W, ... so a step's local batches together are one contiguous global batch of the
-    permutation (the same samples as one process with the global batch). Training shards are padded
-    to equal length (every rank makes the same number of steps); evaluation shards (``pad=False``)
-    are not, so every item is scored exactly once."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1,
-                 pad: bool = True) -> None:
-        self.n, self.seed, self.shuffle, self.pad = n, seed, shuffle, pad
-        self.rank, self.world_size = rank, world_size
-        self.key = (0, 0)
-
-    def set_epoch(self, phase: int, epoch: int) -> None:
-        self.key = (phase, epoch)
-
-    def _order(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(derived_seed(self.seed, *self.key))
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        if self.world_size > 1:
-            if self.pad:
-                per = math.ceil(self.n / self.world_size)
-                order = order + order[: per * self.world_size - self.n]
-            order = order[self.rank:: self.world_size]
-        return order
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._order())
-
-    def __len__(self) -> int:
-        if self.world_size == 1:
-            return self.n
-        if self.pad:
-            return math.ceil(self.n / self.world_size)
-        return len(range(self.rank, self.n, self.world_size))
-
-
-def make_loader(dataset: Any, batch_size: int, sampler: Sampler, num_workers: int, drop_last: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=drop_last, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available())
-
-
+# ------------------------------------------------------------------------------ optimisation
 def build_optimizer(spec: OptimSpec, lr_scale: float = 1.0) -> torch.optim.Optimizer:
     c: OptimizerConfig = spec.optimizer
     groups = []
@@ -168,32 +67,6 @@ def lr_factor(s: ScheduleConfig, base_lr: float, total_steps: int, steps_per_epo
     t = min((step - warm) / total, 1.0)
     floor = s.min_lr / base_lr if base_lr > 0 else 0.0
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if k == "image" and channels_last and v.dim() == 4:
-                v = v.contiguous(memory_format=torch.channels_last)
-        out[k] = v
-    return out
-
-
-@torch.inference_mode()
-def predict(fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device: torch.device,
-            dtype: torch.dtype | None = None, channels_last: bool = False) -> dict[str, torch.Tensor]:
-    """Run ``fn`` over a loader: float32 logits, labels and dataset indices, on CPU, in loader order."""
-    logits, labels, index = [], [], []
-    for batch in loader:
-        b = to_device(batch, device, channels_last)
-        with autocast(device, dtype):
-            out = fn(b["image"])
-        logits.append(out.float().cpu())
-        labels.append(batch["label"].cpu())
-        index.append(batch["index"].cpu())
-    return {"logits": torch.cat(logits), "labels": torch.cat(labels), "index": torch.cat(index)}
 
 
 # -------------------------------------------------------------------------------------- trainer
@@ -234,11 +107,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.history: list[dict[str, Any]] = []
         self._tb = None
-        if self.tc.threads:
-            torch.set_num_threads(self.tc.threads)
-        if self.tc.deterministic:
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
+        configure_torch(self.tc)
 
     # ---------------------------------------------------------------------------------- logging
     def _log_epoch(self, row: dict[str, Any]) -> None:
@@ -476,11 +345,10 @@ class Trainer:
 
     def validate(self, method: Method, val_set: Any) -> dict[str, float]:
         method.eval()
-        sampler = EpochSampler(len(val_set), 0, shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size,
-                               pad=False)
+        loader = eval_loader(val_set, self.cfg.data.eval_batch_size, self.cfg.data.num_workers, self.dist.rank,
+                             self.dist.world_size)
         n, correct, loss = 0.0, 0.0, 0.0
-        if len(sampler):  # a rank's shard is empty when the set is smaller than the world
-            loader = make_loader(val_set, self.cfg.data.eval_batch_size, sampler, self.cfg.data.num_workers, False)
+        if len(loader.sampler):  # a rank's shard is empty when the set is smaller than the world
             out = predict(method.eval_logits, loader, self.device, self.dtype, self.tc.channels_last)
             logits, labels = out["logits"], out["labels"]
             n, correct = float(len(labels)), (logits.argmax(1) == labels).sum().item()

@@ -38,10 +38,10 @@ def evaluate(target: Path, config: Path | None = None, overrides: list[str] | tu
     """Score a run's student (or a model file) on ``splits``; update and return the metrics file."""
     from graftkd.config import load_config
     from graftkd.data import build_data
-    from graftkd.engine.io import atomic_write_json
-    from graftkd.engine.run import score_split
-    from graftkd.engine.trainer import resolve_device
+    from graftkd.eval.metrics import score_split
+    from graftkd.files import atomic_write_json
     from graftkd.models import load_model_file
+    from graftkd.runtime import resolve_device
 
     target = Path(target)
     is_run = target.is_dir()

@@ -11,15 +11,31 @@ of the mean softmax over its images.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from graftkd.config import ExperimentConfig
+from graftkd.data.loaders import predict_split
 from graftkd.data.types import Record
 
 ECE_BINS = 15
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
+
+
+def score_split(fn: Callable[[torch.Tensor], torch.Tensor], dataset: Any, cfg: ExperimentConfig,
+                device: torch.device, class_names: list[str], rows: list[list[Any]] | None = None,
+                split: str = "") -> dict[str, Any]:
+    """Every metric of ``evaluate_predictions`` for ``fn`` on one split (image, patient, per magnification).
+    With ``rows``, appends ``[split, image, group, label, pred]`` per image (``predictions.csv``)."""
+    out = predict_split(fn, dataset, cfg, device)
+    records = [dataset.records[i] for i in out["index"].tolist()]
+    if rows is not None:
+        pred = out["logits"].argmax(1).tolist()
+        rows += [[split, r.path if r.path is not None else r.meta["index"], r.group, r.label, p]
+                 for r, p in zip(records, pred)]
+    return evaluate_predictions(out["logits"], out["labels"], records, class_names)
 
 
 def evaluate_predictions(logits: torch.Tensor, labels: torch.Tensor, records: Sequence[Record],

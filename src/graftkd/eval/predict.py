@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from graftkd.engine.io import atomic_write_text
+from graftkd.files import atomic_write_text
 from graftkd.errors import UserError
 from graftkd.export import Predictor
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import yaml
 from matplotlib.figure import Figure
 
-from graftkd.engine.io import atomic_write_bytes, atomic_write_text, read_log
+from graftkd.files import atomic_write_bytes, atomic_write_text, read_log
 from graftkd.errors import UserError
 
 SPLITS = ("val", "test")

@@ -39,21 +39,21 @@ mode on their (every-step) updates and see the data's normalisation.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from graftkd.config import ATFMethod, ExperimentConfig
+from graftkd.data.loaders import predict_split
 from graftkd.errors import UserError
 from graftkd.losses import divergences
 from graftkd.losses.standardize import soft_targets
 from graftkd.methods.base import METHODS, ExtraOutput, Method, OptimSpec, Phase, StepContext
-
-# graftkd.teachers imports the engine, which imports graftkd.methods: imported where used
-if TYPE_CHECKING:
-    from graftkd.teachers.ensemble import Teacher
+from graftkd.models import create_model
+from graftkd.teachers import fusion
+from graftkd.teachers.ensemble import Teacher, load_teacher, stack_logits
 
 Predict = Callable[[Callable[[torch.Tensor], torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -208,8 +208,6 @@ class ATF(Method):
                                       standardize=self.m.standardize, **self.params).mean()
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
-        from graftkd.teachers import fusion
-
         x, y = batch["image"], batch["label"]
         m, T = self.m, self.m.temperature
         update = self.updates_teachers(ctx)
@@ -262,7 +260,7 @@ class ATF(Method):
         it back to its best state. Returns the teachers' validation accuracies for the log."""
         if self.eff.guard is None or self.m.mode == "offline":
             return {}
-        out = self.predict_val(lambda x: torch.stack([t(x) for t in self.teachers], 1))
+        out = self.predict_val(lambda x: stack_logits(self.teachers, x, 1))
         labels = out["labels"].to(self.best_acc.device)
         acc = (out["logits"].argmax(-1).to(labels.device) == labels[:, None]).float().mean(0)  # [K]
         log = {}
@@ -300,7 +298,7 @@ class ATF(Method):
         predictions with the teacher before (theta_0) and after adaptation. "After" is the teacher
         of the selected checkpoint: best.pt holds the whole method, so the teacher is restored to
         its state at the student's best-validation epoch."""
-        out = self.predict_val(lambda x: torch.stack([self.model(x)] + [t(x) for t in self.teachers], 1))
+        out = self.predict_val(lambda x: stack_logits([self.model, *self.teachers], x, 1))
         pred = out["logits"].argmax(-1).T.to(self.val_pred0.device)  # [1 + K, N]
         labels = out["labels"].to(pred.device)
         rows = []
@@ -322,11 +320,8 @@ class ATF(Method):
 
 
 def online_peer(cfg_name: str, kwargs: dict[str, Any], num_classes: int, mean: Sequence[float],
-                std: Sequence[float]) -> "Teacher":
+                std: Sequence[float]) -> Teacher:
     """A randomly initialised peer of the given architecture that sees the data's normalisation."""
-    from graftkd.models import create_model
-    from graftkd.teachers.ensemble import Teacher
-
     model = create_model(cfg_name, num_classes=num_classes, **kwargs)
     return Teacher(model, cfg_name, "random init (online peer)", tuple(mean), tuple(std), tuple(mean), tuple(std))
 
@@ -336,9 +331,6 @@ def build_atf(cfg: ExperimentConfig, data: Any, build_student: Callable[[], nn.M
               **_: Any) -> ATF:
     """ATF (or one of its comparison modes) for ``cfg.method.mode``; measures the teachers on
     validation once, before any training."""
-    from graftkd.engine.run import split_predictions
-    from graftkd.teachers.ensemble import load_teacher
-
     m = cfg.method
     assert isinstance(m, ATFMethod)
     if not cfg.teachers:
@@ -356,9 +348,9 @@ def build_atf(cfg: ExperimentConfig, data: Any, build_student: Callable[[], nn.M
                     for i, t in enumerate(cfg.teachers)]
 
     def predict_val(fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-        return split_predictions(fn, data.val, cfg, device)
+        return predict_split(fn, data.val, cfg, device)
 
     for t in teachers:
         t.to(device).eval()
-    before = predict_val(lambda x: torch.stack([t(x) for t in teachers], 1))
+    before = predict_val(lambda x: stack_logits(teachers, x, 1))
     return ATF(cfg, student, teachers, before["logits"].transpose(0, 1), before["labels"], predict_val)

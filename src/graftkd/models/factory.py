@@ -1,6 +1,6 @@
 """Create models by name (our CIFAR family first, then any timm model) and save/load model files.
 
-A model file is a graftkd checkpoint (``engine.io.save_checkpoint``) holding::
+A model file is a graftkd checkpoint (``graftkd.files.save_checkpoint``) holding::
 
     {"kind": "model", "arch", "num_classes", "classes", "mean", "std", "image_size",
      "state_dict", "extra"}
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from graftkd.engine.io import load_checkpoint, save_checkpoint
+from graftkd.files import load_checkpoint, save_checkpoint
 from graftkd.errors import UserError
 from graftkd.models.cifar import MODELS, count_params
 

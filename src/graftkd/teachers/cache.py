@@ -23,9 +23,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from graftkd.engine.distributed import DistContext
-from graftkd.engine.io import atomic_write_json, load_checkpoint, save_checkpoint
+from graftkd.data.loaders import eval_loader
+from graftkd.distributed import DistContext
 from graftkd.errors import UserError
+from graftkd.files import atomic_write_json, load_checkpoint, save_checkpoint
+from graftkd.runtime import autocast, to_device
 from graftkd.teachers.ensemble import TeacherEnsemble, records_hash
 
 FORMAT = "graftkd-soft-targets-v1"
@@ -125,8 +127,6 @@ class SoftTargetCache(nn.Module):
               dist: DistContext | None = None) -> "SoftTargetCache":
         """One pass over every (item, view): all teachers per batch, fused, stored compactly. Under
         torchrun each rank computes every world_size-th (item, view) and all ranks get the whole."""
-        from graftkd.engine.trainer import EpochSampler, autocast, make_loader, to_device  # engine imports methods
-
         t0 = time.perf_counter()
         n, views, c, topk = len(train_set), manifest["views"], len(manifest["classes"]), manifest["topk"]
         width = topk or c
@@ -134,8 +134,7 @@ class SoftTargetCache(nn.Module):
         values = torch.zeros(n, views, width, dtype=torch.float16)
         indices = torch.zeros(n, views, width, dtype=torch.int16 if c <= 32767 else torch.int32) if topk else None
         replay = _Replay(train_set, views)
-        sampler = EpochSampler(len(replay), 0, shuffle=False, rank=dist.rank, world_size=dist.world_size, pad=False)
-        loader = make_loader(replay, batch_size, sampler, num_workers, False)
+        loader = eval_loader(replay, batch_size, num_workers, dist.rank, dist.world_size)
         ensemble.eval()
         for batch in loader:
             b = to_device(batch, device, False)

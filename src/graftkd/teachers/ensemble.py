@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from graftkd.config import FusionConfig, TeacherConfig
-from graftkd.engine.io import atomic_write_json
+from graftkd.data.loaders import eval_loader
 from graftkd.errors import UserError
+from graftkd.files import atomic_write_json
+from graftkd.runtime import predict
 from graftkd.teachers import fusion
 
 Stats = tuple[float, float, float]
@@ -39,6 +41,11 @@ def records_hash(records: Sequence[Any]) -> str:
     """sha256 of a record list (path, label, group, in-memory row): the identity of a split."""
     rows = [[r.path, int(r.label), r.group, r.meta.get("index")] for r in records]
     return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()
+
+
+def stack_logits(teachers: Iterable[nn.Module], x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Every teacher's float32 logits for images x, stacked along ``dim`` ([K, B, C] by default)."""
+    return torch.stack([t(x).float() for t in teachers], dim)
 
 
 class Teacher(nn.Module):
@@ -92,7 +99,7 @@ class TeacherEnsemble(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[K, B, C] teacher logits (an ordinary tensor, computed under inference_mode)."""
         with torch.inference_mode():
-            z = torch.stack([t(x).float() for t in self.teachers])
+            z = stack_logits(self.teachers, x)
         return z.clone()
 
     def weights(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -103,7 +110,7 @@ class TeacherEnsemble(nn.Module):
                 standardize: bool = False) -> torch.Tensor:
         """[B, C] fused soft target ``sum_k w_k softmax(z_k / T)`` for images x and labels y."""
         with torch.inference_mode():
-            z = torch.stack([t(x).float() for t in self.teachers])
+            z = stack_logits(self.teachers, x)
             p = fusion.fuse(z, self.weights(z, y), temperature, standardize)
         return p.clone()
 
@@ -120,7 +127,7 @@ class TeacherEnsemble(nn.Module):
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Log of the fused distribution at T = 1 (label-free weights): the ensemble as a classifier."""
-        z = torch.stack([t(x).float() for t in self.teachers])
+        z = stack_logits(self.teachers, x)
         w = fusion.weights(self.eval_strategy(), z, None, self.val_acc, self.fusion.tau)
         return fusion.fuse(z, w, 1.0, False).clamp_min(torch.finfo(torch.float32).tiny).log()
 
@@ -170,12 +177,10 @@ def load_teacher(cfg: TeacherConfig, i: int, classes: list[str], data_mean: Stat
 def measure_val_accuracy(teachers: Sequence[Teacher], val_set: Any, device: torch.device, batch_size: int,
                          num_workers: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
     """[K] accuracy of each teacher on ``val_set`` (one pass, all teachers per batch)."""
-    from graftkd.engine.trainer import EpochSampler, make_loader, predict  # the engine imports the methods
-
     if len(val_set) == 0:
         raise UserError("teacher fusion needs a validation split to measure teacher accuracy, and it is empty")
-    loader = make_loader(val_set, batch_size, EpochSampler(len(val_set), 0, shuffle=False), num_workers, False)
-    out = predict(lambda x: torch.stack([t(x) for t in teachers], dim=1), loader, device, dtype)
+    out = predict(lambda x: stack_logits(teachers, x, dim=1), eval_loader(val_set, batch_size, num_workers), device,
+                  dtype)
     return (out["logits"].argmax(-1) == out["labels"][:, None]).float().mean(0)
 
 

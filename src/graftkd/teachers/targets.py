@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from graftkd.config import ExperimentConfig
-from graftkd.engine.distributed import DistContext
+from graftkd.distributed import DistContext
+from graftkd.runtime import autocast_dtype
 from graftkd.teachers.cache import SoftTargetCache, cache_manifest
 from graftkd.teachers.ensemble import TeacherEnsemble, load_teachers
 
@@ -49,8 +50,6 @@ def build_teacher_targets(cfg: ExperimentConfig, data: Any, run_dir: Path | None
     Under torchrun the build is split across ranks (rank 0 saves ``run_dir/cache``); a cache rank 0
     finds valid is read by every rank.
     """
-    from graftkd.engine.trainer import autocast_dtype  # the engine imports the methods
-
     dtype = autocast_dtype(cfg, device)
     ensemble = load_teachers(cfg.teachers, data, device, cfg.fusion, batch_size=cfg.data.eval_batch_size,
                              num_workers=cfg.data.num_workers, dtype=dtype,

@@ -1,9 +1,13 @@
-"""A run from config to run folder: data, method, trainer, exported student, metrics.json.
+"""A run from config to run folder: data, teachers and method (from the method registry), trainer,
+exported student, metrics.json. The top of the stack: it imports every layer, none imports it
+(except the commands).
 
 ``train`` and ``distill`` both go through ``execute``; methods are looked up by name.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 import time
@@ -14,11 +18,12 @@ import torch
 from torch import nn
 
 from graftkd.config import ExperimentConfig, config_to_yaml
-from graftkd.engine.distributed import DistContext, init_distributed
-from graftkd.engine.io import atomic_write_json, atomic_write_text
-from graftkd.engine.trainer import (EpochSampler, Trainer, autocast_dtype, make_loader, predict, resolve_device,
-                                    resolve_precision, seed_everything)
+from graftkd.distributed import DistContext, init_distributed
+from graftkd.engine.trainer import Trainer
 from graftkd.errors import UserError
+from graftkd.eval.metrics import score_split
+from graftkd.files import atomic_write_json, atomic_write_text
+from graftkd.runtime import resolve_device, resolve_precision, seed_everything
 
 
 def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> Path:
@@ -49,32 +54,8 @@ def build_student_factory(cfg: ExperimentConfig, num_classes: int):
     return build
 
 
-def split_predictions(fn, dataset: Any, cfg: ExperimentConfig, device: torch.device) -> dict[str, torch.Tensor]:
-    loader = make_loader(dataset, cfg.data.eval_batch_size, EpochSampler(len(dataset), 0, shuffle=False),
-                         cfg.data.num_workers, False)
-    return predict(fn, loader, device, autocast_dtype(cfg, device), cfg.trainer.channels_last)
-
-
-def score_split(fn, dataset: Any, cfg: ExperimentConfig, device: torch.device, class_names: list[str],
-                rows: list[list[Any]] | None = None, split: str = "") -> dict[str, Any]:
-    """Every metric of ``graftkd.eval`` for one split (image, patient, per magnification). With
-    ``rows``, appends ``[split, image, group, label, pred]`` per image (``predictions.csv``)."""
-    from graftkd.eval.metrics import evaluate_predictions
-
-    out = split_predictions(fn, dataset, cfg, device)
-    records = [dataset.records[i] for i in out["index"].tolist()]
-    if rows is not None:
-        pred = out["logits"].argmax(1).tolist()
-        rows += [[split, r.path if r.path is not None else r.meta["index"], r.group, r.label, p]
-                 for r, p in zip(records, pred)]
-    return evaluate_predictions(out["logits"], out["labels"], records, class_names)
-
-
 def write_predictions_csv(path: Path, rows: list[list[Any]]) -> Path:
     """``predictions.csv``: split, image (path or array index), group, label, pred (class indices)."""
-    import csv
-    import io
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["split", "image", "group", "label", "pred"])
