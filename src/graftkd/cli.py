@@ -30,8 +30,15 @@ def _load(ref: str) -> Callable:
     return getattr(importlib.import_module(mod), fn)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2), without the usage block argparse prints first."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="graftkd", description="Knowledge distillation with scarce labels.")
+    p = Parser(prog="graftkd", description="Knowledge distillation with scarce labels.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_ref, _, help_text) in COMMANDS.items():
@@ -54,8 +61,22 @@ def _rank_tag() -> str:
     return f" [rank {os.environ.get('RANK', '?')}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; ``key=value`` overrides may stand before, between and after flags
+    (``train -c x.yaml a=1 --overwrite b=2``) and keep their order."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    takes = hasattr(args, "overrides")
+    unknown = [a for a in extra if not (takes and "=" in a and not a.startswith("-"))]
+    if unknown:
+        Parser(prog=f"graftkd {args.command}").error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     debug = args.debug or os.environ.get("GRAFTKD_DEBUG") == "1"
     if getattr(args, "_missing", None):
         print(f"graftkd {args.command}: not available in this build ({args._missing})", file=sys.stderr)
@@ -66,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if debug:
             raise
-        print(f"graftkd {args.command}: error{_rank_tag()}: {one_line(str(e))}", file=sys.stderr)
+        from graftkd.engine.launch import report_rank_error
+
+        if not report_rank_error(one_line(str(e))):  # under --nproc the launcher prints it, once
+            print(f"graftkd {args.command}: error{_rank_tag()}: {one_line(str(e))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()

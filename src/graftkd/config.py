@@ -507,11 +507,26 @@ def _clean_loc(loc: tuple) -> list:
     return [p for p in loc if not (isinstance(p, str) and p in METHOD_CLASSES and p not in ExperimentConfig.model_fields)]
 
 
-def format_validation_error(err: ValidationError, raw: dict, source: str) -> str:
-    lines = []
+def _origin(loc: list, overrides: tuple[tuple[list[str], str], ...], source: str) -> str:
+    """Where the value at ``loc`` came from: the last command-line override that set it (or a section
+    above or below it), else the file."""
+    path = [str(p) for p in loc]
+    for parts, text in reversed(overrides):
+        n = min(len(parts), len(path))
+        if parts[:n] == path[:n]:
+            return f"command line '{text}'"
+    return source
+
+
+def format_validation_error(err: ValidationError, raw: dict, source: str,
+                            overrides: tuple[tuple[list[str], str], ...] = ()) -> str:
+    """One line per problem, each headed by where the bad key or value came from (``source``, the
+    file, or the command-line override that set it); problems from one origin share the heading."""
+    lines: list[tuple[str, str]] = []
     for e in err.errors():
         loc = _clean_loc(tuple(e["loc"]))
         key = ".".join(str(p) for p in loc)
+        origin = _origin(loc, overrides, source)
         if e["type"] == "extra_forbidden":
             owner = _model_at(tuple(loc[:-1]), raw)
             hint = ""
@@ -519,16 +534,20 @@ def format_validation_error(err: ValidationError, raw: dict, source: str) -> str
                 close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1, cutoff=0.5)
                 hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + [close[0]])}'?" if close else \
                     f" (valid: {', '.join(owner.model_fields)})"
-            lines.append(f"unknown config key '{key}'{hint}")
+            lines.append((origin, f"unknown config key '{key}'{hint}"))
         elif e["type"] == "union_tag_invalid":
-            lines.append(f"config key '{key}.name': unknown method {e['input'].get('name')!r} "
-                         f"(known: {', '.join(METHOD_CLASSES)})" if isinstance(e.get("input"), dict) else
-                         f"config key '{key}': {e['msg']}")
+            lines.append((_origin(loc + ["name"], overrides, source),
+                          f"config key '{key}.name': unknown method {e['input'].get('name')!r} "
+                          f"(known: {', '.join(METHOD_CLASSES)})" if isinstance(e.get("input"), dict) else
+                          f"config key '{key}': {e['msg']}"))
         else:
             value = e.get("input")
             shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-            lines.append(f"config key '{key}' = {shown}: {e['msg']}")
-    return f"{source}: " + "; ".join(lines)
+            lines.append((origin, f"config key '{key}' = {shown}: {e['msg']}"))
+    out: list[str] = []
+    for i, (origin, text) in enumerate(lines):
+        out.append(text if i and lines[i - 1][0] == origin else f"{origin}: {text}")
+    return "; ".join(out)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -549,17 +568,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not isinstance(loaded, dict):
             raise UserError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded
+    given: list[tuple[list[str], str]] = []
     for text in overrides:
         parts, value = parse_override(text)
         apply_override(raw, parts, value)
-    return validate_config(raw, source)
+        given.append((parts, text))
+    return validate_config(raw, source, tuple(given))
 
 
-def validate_config(raw: dict, source: str = "config") -> ExperimentConfig:
+def validate_config(raw: dict, source: str = "config",
+                    overrides: tuple[tuple[list[str], str], ...] = ()) -> ExperimentConfig:
+    """Validate a raw config tree; errors name ``source`` or the command-line override (parts, text)
+    that set the bad key."""
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, raw, source)) from None
+        raise UserError(format_validation_error(e, raw, source, overrides)) from None
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -109,16 +111,35 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     return _atomic(path, lambda f: torch.save(state, f), "wb")
 
 
+def _load_failure(e: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words and without PyTorch's
+    advice to reload with ``weights_only=False`` (never do that with a file you did not write)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        m = re.search(r"WeightsUnpickler error:\s*(Unsupported global: GLOBAL \S+|[^\n]+)", text)
+        detail = m.group(1).strip() if m else "unsupported content"
+        return f"not a weights-only PyTorch file ({detail}); graftkd never unpickles anything else"
+    first = text.strip().splitlines()[0] if text.strip() else e.__class__.__name__
+    if "weights_only" in first or len(first) < 12:  # e.g. KeyError('101') on a text file
+        first = f"{e.__class__.__name__}: {first}"[:80] if "weights_only" not in first else e.__class__.__name__
+    return f"not a complete PyTorch checkpoint ({first.split('. ')[0][:160]})"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a graftkd checkpoint with ``weights_only=True``; clear errors for missing/foreign/truncated files."""
+    """Load a graftkd checkpoint with ``weights_only=True``; clear errors for missing/foreign/truncated files.
+
+    PyTorch's warnings while unpickling a foreign file (e.g. an unexpected pickle protocol) are
+    silenced: the error that follows says what is wrong, in one line.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle with arbitrary objects, not a torch file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"cannot load checkpoint {path}: not a complete, safe PyTorch checkpoint ({reason[:200]})") from None
+        raise UserError(f"cannot load checkpoint {path}: {_load_failure(e)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a graftkd checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     return state

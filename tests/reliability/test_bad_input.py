@@ -200,3 +200,73 @@ def test_subprocess_exit_code_and_traceback_only_with_debug(tmp_path):
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "missing.yaml" in p.stderr, p.stderr
     p = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], env=env(), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "Traceback" in p.stderr and "UserError" in p.stderr
+
+
+# ------------------------------------------------------------------- where a bad key came from
+def test_bad_key_names_its_real_source(capsys, tmp_path):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("trainer:\n  epoch: 3\n")
+    assert_one_line_error(*cli(capsys, "train", "-c", str(cfg)), f"{cfg}: unknown config key 'trainer.epoch'")
+    cfg.write_text("name: x\n")
+    rc, err = cli(capsys, "train", "-c", str(cfg), "optimizer.lrr=0.1")
+    assert_one_line_error(rc, err, "command line 'optimizer.lrr=0.1': unknown config key 'optimizer.lrr'; "
+                                   "did you mean 'optimizer.lr'?")
+    assert str(cfg) not in err
+    rc, err = cli(capsys, "distill", "-c", str(cfg), "method.name=kdd")
+    assert_one_line_error(rc, err, "command line 'method.name=kdd'", "unknown method 'kdd'")
+
+
+def test_overrides_stand_on_either_side_of_flags(capsys, tmp_path):
+    from graftkd.cli import parse
+
+    args = parse(["train", "a.b=1", "-c", "x.yaml", "c.d=2", "--overwrite", "e.f=3", "--nproc", "2", "g.h=4"])
+    assert args.overrides == ["a.b=1", "c.d=2", "e.f=3", "g.h=4"] and args.overwrite and args.nproc == 2
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("name: x\n")
+    rc, err = cli(capsys, "train", "-c", str(cfg), "trainer.epochs=2", "--overwrite", "trainer.epochx=2")
+    assert_one_line_error(rc, err, "command line 'trainer.epochx=2'")  # the override after the flag was read
+    with pytest.raises(SystemExit) as ex:
+        main(["train", "-c", str(cfg), "a=1", "--overwrite", "--bogus", "b=2"])
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("graftkd train: error: unrecognized arguments: --bogus (see"), err
+
+
+def test_unsafe_checkpoints_one_line_no_weights_only_advice_no_warning(capsys, tmp_path, tree):
+    """A raw pickle (protocol 4: PyTorch warns before failing) and a torch file holding a numpy array."""
+    import pickle
+    import warnings
+
+    raw, numpy_file = tmp_path / "raw.pt", tmp_path / "numpy.pt"
+    raw.write_bytes(pickle.dumps({"state_dict": {"w": [1.0]}}, protocol=4))
+    torch.save({"w": np.zeros(2)}, numpy_file)
+    for path, reason in ((raw, "Unsupported operand"), (numpy_file, "GLOBAL numpy")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rc, err = train(capsys, tmp_path, tree, f"model.checkpoint={path}", f"output.name={path.stem}")
+        assert not caught, [str(w.message) for w in caught]
+        assert_one_line_error(rc, err, str(path), reason, "not a weights-only PyTorch file")
+        assert "weights_only" not in err and "trust" not in err
+
+
+# --------------------------------------------------------------------------------- --nproc N
+def graftkd(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "graftkd", *argv], env=env(), cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_nproc_misspelt_key_is_one_line_exit_2(tmp_path):
+    p = graftkd("train", "-c", base_config(tmp_path), "--nproc", "2", "trainer.epoch=1", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "trainer.epoch" in p.stderr, p.stderr
+    assert p.stdout == ""
+
+
+@pytest.mark.slow
+def test_nproc_user_error_inside_the_ranks_is_one_line_once_exit_2(tmp_path):
+    """SLOW (~25 s on 2 busy cores): the error is raised in both torchrun ranks, printed once."""
+    missing = tmp_path / "nowhere"
+    p = graftkd("train", "-c", base_config(tmp_path), *TINY, "--nproc", "2", "data.source=folder",
+                f"data.root={missing}", f"output.dir={tmp_path / 'runs'}", cwd=tmp_path)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("graftkd train: error: ") and str(missing) in lines[0] and "[rank" not in lines[0]
