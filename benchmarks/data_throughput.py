@@ -1,16 +1,30 @@
-"""Data throughput: decode + augment of 700x460 PNGs without and with the decoded cache, and the
-training throughput of the demo student, on this machine's CPU.
+"""Data pipeline against training at BreakHis resolution (issue 14): 700x460 PNGs, ``histology``
+augmentation at 224 px, resnet18 student (timm) trained under bf16 autocast, channels_last, on CPU.
 
-    python benchmarks/data_throughput.py [--patients 8 --images-per-patient 5] [--data-threads 1]
+Measured in interleaved rounds (one of each per round, medians and per-round ratios reported):
 
-Writes benchmarks/results/data_throughput.json (decode_img_s, cached_img_s, train_img_s + context)
-and prints a Markdown table.
+- ``train_224_img_s``: resnet18 forward + backward + SGD on ready 224 px tensors, every core;
+- ``pipeline_224_img_s``: decode PNG -> uint8 -> base image -> augment, through the trainer's
+  DataLoader (``make_loader``, ``EpochSampler``) with one worker per core, no cache;
+- ``cached_224_img_s``: the same from the uint8 memory-mapped decoded cache (``decoded_cache: mmap``);
+- ``pipeline_1w_img_s`` / ``cached_1w_img_s``: one worker's rate (in-process, one thread): what a
+  GPU's data feed scales from;
+- ``fed_train_224_img_s``: training fed by the no-cache pipeline (workers and training share the
+  cores, as in a real run); ``fed_over_train`` near 1 means the trainer does not wait for data.
+
+    python benchmarks/data_throughput.py [--patients 8 --images-per-patient 4] [--rounds 3]
+
+The tree is generated once under ``--work`` (runs/.synthetic by default). Writes
+benchmarks/results/data_throughput.json.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,97 +35,137 @@ from torch import nn
 
 from graftkd.config import SyntheticConfig
 from graftkd.data.breakhis import read_breakhis
-from graftkd.data.datasets import FileDataset, ViewDatasetBase
-from graftkd.data.synthetic import generate_tree
+from graftkd.data.datasets import FileDataset
+from graftkd.data.loaders import EpochSampler, make_loader
+from graftkd.data.synthetic import ensure_tree, tree_key
 from graftkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD, base_side, eval_transform, train_transform
 from graftkd.files import atomic_write_json
 from graftkd.models import create_model
 
-RESULTS = Path(__file__).resolve().parent / "results" / "data_throughput.json"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "data_throughput.json"
 
 
-def epoch_rate(ds: ViewDatasetBase, epoch: int) -> float:
-    """Images per second for one pass over ``ds`` (decode + augment, main process)."""
-    ds.set_epoch(epoch)
-    t = time.perf_counter()
-    for i in range(len(ds)):
-        ds[i]
-    return len(ds) / (time.perf_counter() - t)
+class Student:
+    """resnet18 training step under bf16 autocast, channels_last (what the trainer runs on this CPU)."""
+
+    def __init__(self, arch: str, dtype: torch.dtype | None) -> None:
+        self.model = create_model(arch, num_classes=2).to(memory_format=torch.channels_last)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.dtype = dtype
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+            loss = nn.functional.cross_entropy(self.model(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
 
 
-def train_rate(size: int, batch: int, steps: int) -> float:
-    """Images per second of resnet8 training steps (forward + backward + SGD) on CPU."""
-    model = create_model("resnet8", num_classes=2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+def train_rate(student: Student, size: int, batch: int, steps: int) -> float:
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     y = torch.arange(batch) % 2
-
-    def step() -> None:
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(2):
-        step()
     t = time.perf_counter()
     for _ in range(steps):
-        step()
+        student.step(x, y)
     return batch * steps / (time.perf_counter() - t)
+
+
+def loader_rate(ds: FileDataset, epoch: int, batch: int, workers: int, student: Student | None = None) -> float:
+    """Images/s of one epoch through the trainer's loader (worker start-up included, as in training);
+    with ``student``, each batch is also trained on."""
+    ds.set_epoch(epoch)
+    sampler = EpochSampler(len(ds), seed=0, shuffle=True)
+    sampler.set_epoch(0, epoch)
+    n = 0
+    t = time.perf_counter()
+    for b in make_loader(ds, batch, sampler, workers, drop_last=False):
+        if student is not None:
+            student.step(b["image"], b["label"])
+        n += len(b["label"])
+    return n / (time.perf_counter() - t)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--patients", type=int, default=8)
-    p.add_argument("--images-per-patient", type=int, default=5, help="per magnification (4 magnifications)")
-    p.add_argument("--image-size", type=int, default=224, help="augmentation output size")
-    p.add_argument("--train-size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--data-threads", type=int, default=1, help="torch threads for decode+augment (1: as in a DataLoader worker)")
-    p.add_argument("--train-threads", type=int, default=os.cpu_count(), help="torch threads for the training step")
+    p.add_argument("--images-per-patient", type=int, default=4, help="per magnification (4 magnifications)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--train-steps", type=int, default=3)
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers (default: one per core)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the training step")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / ".synthetic")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.data_threads)
+    command = " ".join(["python benchmarks/data_throughput.py", *(argv if argv is not None else sys.argv[1:])])
+    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    syn = SyntheticConfig(patients=args.patients, images_per_patient=args.images_per_patient, size=(700, 460), seed=0)
+    t = time.perf_counter()
+    tree = ensure_tree(args.work / tree_key(syn), syn)
+    gen_s = time.perf_counter() - t
+    records, _ = read_breakhis(tree, "binary", "all", "error")
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    aug, ev = train_transform("histology", args.image_size, mean, std), eval_transform(args.image_size, mean, std)
+    side = base_side(args.image_size)
+    student = Student(args.arch, torch.bfloat16 if args.precision == "bf16" else None)
+    torch.set_num_threads(args.threads)
+    train_rate(student, args.image_size, args.batch, 1)  # warm-up (oneDNN primitives)
+    keys = ("train_224_img_s", "pipeline_224_img_s", "cached_224_img_s", "pipeline_1w_img_s", "cached_1w_img_s",
+            "fed_train_224_img_s")
+    rounds: dict[str, list[float]] = {k: [] for k in keys}
+    load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="graftkd-bench-") as tmp:
-        tree = Path(tmp) / "tree"
-        t = time.perf_counter()
-        generate_tree(tree, SyntheticConfig(patients=args.patients, images_per_patient=args.images_per_patient,
-                                            size=(700, 460), seed=0))
-        gen_s = time.perf_counter() - t
-        records, _ = read_breakhis(tree, "binary", "all", "error")
-        aug = train_transform("histology", args.image_size, mean, std)
-        ev = eval_transform(args.image_size, mean, std)
-        side = base_side(args.image_size)
         plain = FileDataset(records, aug, ev, seed=0, side=side, cache="none")
-        decode = epoch_rate(plain, 0)
-        cached_ds = FileDataset(records, aug, ev, seed=0, side=side, cache="memory")
-        first = epoch_rate(cached_ds, 0)
-        cached = epoch_rate(cached_ds, 1)
-    torch.set_num_threads(args.train_threads)
-    train = train_rate(args.train_size, args.batch, args.steps)
+        cached = FileDataset(records, aug, ev, seed=0, side=side, cache="mmap", cache_dir=Path(tmp))
+        t = time.perf_counter()
+        for i in range(len(cached)):
+            cached.base(i)  # fill the cache (what the first epoch of a run does)
+        fill = len(cached) / (time.perf_counter() - t)
+        for r in range(args.rounds):
+            epoch = 1 + r
+            torch.set_num_threads(args.threads)
+            rounds["train_224_img_s"].append(train_rate(student, args.image_size, args.batch, args.train_steps))
+            rounds["pipeline_224_img_s"].append(loader_rate(plain, epoch, args.batch, args.workers))
+            rounds["cached_224_img_s"].append(loader_rate(cached, epoch, args.batch, args.workers))
+            torch.set_num_threads(1)  # one worker = one thread
+            rounds["pipeline_1w_img_s"].append(loader_rate(plain, epoch, args.batch, 0))
+            rounds["cached_1w_img_s"].append(loader_rate(cached, epoch, args.batch, 0))
+            torch.set_num_threads(args.threads)
+            rounds["fed_train_224_img_s"].append(loader_rate(plain, epoch, args.batch, args.workers, student))
+            load.append(os.getloadavg()[0])
+            print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rounds.items()), file=sys.stderr, flush=True)
+    train = rounds["train_224_img_s"]
+    ratio = {name: [a / b for a, b in zip(rounds[key], train)] for name, key in (
+        ("pipeline_over_train", "pipeline_224_img_s"), ("cached_over_train", "cached_224_img_s"),
+        ("fed_over_train", "fed_train_224_img_s"))}
+    med = {k: round(statistics.median(v), 1) for k, v in rounds.items()}
+    cached_1w = med["cached_1w_img_s"]
     result = {
-        "decode_img_s": round(decode, 1),
-        "cached_img_s": round(cached, 1),
-        "train_img_s": round(train, 1),
-        "cache_fill_img_s": round(first, 1),
-        "images": len(records), "source_size": "700x460", "augment": f"histology@{args.image_size}",
-        "decode_base_side": side, "train_model": "resnet8 (graftkd.models.create_model)",
-        "train_input": f"{args.batch}x3x{args.train_size}x{args.train_size}", "train_steps": args.steps,
-        "synth_generate_s": round(gen_s, 1), "data_threads": args.data_threads, "train_threads": args.train_threads,
-        "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 1),
-        "torch": torch.__version__, "python": platform.python_version(),
-        "command": " ".join(["python", "benchmarks/data_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
+        **med, **{k: round(statistics.median(v), 2) for k, v in ratio.items()},
+        "per_round": {k: [round(x, 1) for x in v] for k, v in rounds.items()},
+        "per_round_ratios": {k: [round(x, 2) for x in v] for k, v in ratio.items()},
+        "gpu_2000_img_s_workers_from_cache": math.ceil(2000 / cached_1w),
+        "gpu_2000_img_s_workers_from_png": math.ceil(2000 / med["pipeline_1w_img_s"]),
+        "cache_fill_img_s": round(fill, 1), "images": len(records), "source_size": "700x460",
+        "augment": f"histology@{args.image_size}", "decode_base_side": side,
+        "train_model": f"{args.arch} ({args.precision} autocast, channels_last)", "batch": args.batch,
+        "train_steps_per_round": args.train_steps, "workers": args.workers, "train_threads": args.threads,
+        "rounds": args.rounds, "synth_generate_s": round(gen_s, 1), "cpus": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_avg_1m": [round(x, 2) for x in load],
+        "torch": torch.__version__, "python": platform.python_version(), "revision": revision, "command": command,
     }
     atomic_write_json(args.out, result)
-    print("| measure | images/s |\n|---|---:|")
-    print(f"| decode + augment, no cache ({len(records)} PNGs 700x460 -> histology {args.image_size}) | {decode:.1f} |")
-    print(f"| decode + augment, first epoch filling the memory cache | {first:.1f} |")
-    print(f"| augment from the decoded cache (second epoch) | {cached:.1f} |")
-    print(f"| train resnet8 at {args.train_size} px, batch {args.batch} (fwd+bwd+SGD) | {train:.1f} |")
-    print(f"\ndata threads {args.data_threads}, train threads {args.train_threads}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}; wrote {args.out}")
+    print("| measure | images/s | / training |\n|---|---:|---:|")
+    for k in keys:
+        rel = {"pipeline_224_img_s": "pipeline_over_train", "cached_224_img_s": "cached_over_train",
+               "fed_train_224_img_s": "fed_over_train"}.get(k)
+        print(f"| {k} | {med[k]} | {result[rel] if rel else ''} |")
+    print(f"\nload average {load}; wrote {args.out}")
     return 0
 
 
