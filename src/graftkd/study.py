@@ -158,6 +158,8 @@ def code_revision() -> str:
 
 
 def _file_sha(path: Path) -> str:
+    if not Path(path).is_file():
+        raise UserError(f"teacher checkpoint not found: {path}")
     h = hashlib.sha256()
     with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -198,8 +200,9 @@ def _run_job(job: Job, jobs: int, log_dir: Path) -> None:
         raise UserError(f"run {job.cfg.name} failed (exit {rc}); see {log_dir / f'{job.cfg.name}.log'}")
 
 
-def run_jobs(jobs: list[Job], revision: str, parallel: int, log_dir: Path) -> dict[str, bool]:
-    """Run what is not finished (``parallel`` at once); returns run name -> reused."""
+def run_jobs(jobs: list[Job], revision: str, parallel: int, log_dir: Path) -> tuple[dict[str, bool], dict[str, str]]:
+    """Run what is not finished (``parallel`` at once); returns run name -> reused, and run name ->
+    error for runs that stopped with a user error (a diverged loss, say): the others go on."""
     from graftkd.files import atomic_write_json
 
     shas: dict[str, str] = {}
@@ -210,9 +213,16 @@ def run_jobs(jobs: list[Job], revision: str, parallel: int, log_dir: Path) -> di
     t0 = time.perf_counter()
     print(f"[compare] {len(jobs)} runs, {len(jobs) - len(todo)} reused, {len(todo)} to run", flush=True)
 
+    failed: dict[str, str] = {}
+
     def one(job: Job) -> None:
         t = time.perf_counter()
-        _run_job(job, parallel, log_dir)
+        try:
+            _run_job(job, parallel, log_dir)
+        except UserError as e:
+            failed[job.cfg.name] = str(e)
+            print(f"[compare {time.perf_counter() - t0:6.0f}s] {job.cfg.name}: FAILED: {e}", flush=True)
+            return
         atomic_write_json(job.run_dir / "study.json", {"fingerprint": prints[job.cfg.name], "revision": revision})
         m = json.loads((job.run_dir / "metrics.json").read_text())
         print(f"[compare {time.perf_counter() - t0:6.0f}s] {job.cfg.name}: val {m['val']['accuracy']:.4f} "
@@ -224,7 +234,7 @@ def run_jobs(jobs: list[Job], revision: str, parallel: int, log_dir: Path) -> di
     else:
         with ThreadPoolExecutor(parallel) as pool:
             list(pool.map(one, todo))
-    return reused
+    return reused, failed
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -294,6 +304,10 @@ def collect(study: StudyConfig, jobs: list[Job]) -> tuple[list[dict[str, Any]], 
         grouped = len(units) < count.sum()
         for method in study.methods:
             runs = [j for j in group if j.method == method]
+            if not runs:
+                rows.append({"method": method, "shots": shots, "seeds": [], "values": [], "mean": None, "sd": None,
+                             "steps": None})
+                continue
             ms = [metrics[j.cfg.name] for j in runs]
             values = [m["test"]["accuracy"] for m in ms]
             mean, sd = summary(values)
@@ -309,7 +323,7 @@ def collect(study: StudyConfig, jobs: list[Job]) -> tuple[list[dict[str, Any]], 
                 row["test_patients"] = len(units)
             row["test_images"] = int(count.sum())
             rows.append(row)
-            if method == baseline:
+            if method == baseline or not any(j.method == baseline for j in group):
                 continue
             base_runs = {j.seed: j for j in group if j.method == baseline}
             pairs = [(at[j.cfg.name], at[base_runs[j.seed].cfg.name]) for j in runs if j.seed in base_runs]
@@ -368,6 +382,9 @@ def markdown(rows: list[dict[str, Any]], diffs: list[dict[str, Any]], title: str
                 return "baseline" if not r.get("reference") else "-"
             return f"{100 * x['mean']:+.1f} [{100 * x['ci95'][0]:+.1f}, {100 * x['ci95'][1]:+.1f}]"
 
+        if r["mean"] is None:
+            out.append("| " + " | ".join([r["method"], str(r["shots"]), "every run failed"] + ["-"] * (len(head) - 3)) + " |")
+            continue
         cells = [r["method"], "all" if r["shots"] is None else str(r["shots"]),
                  pct(r["mean"], None if r.get("reference") else r["sd"]),
                  ", ".join(pct(v) for v in r["values"]), delta("accuracy")]
@@ -391,7 +408,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     fig = Figure(figsize=(max(6.0, 4.5 * len(shots)), 4.2))
     axes = fig.subplots(1, len(shots), squeeze=False)[0]
     for ax, n in zip(axes, shots):
-        students = [r for r in rows if r["shots"] == n and not r.get("reference")]
+        students = [r for r in rows if r["shots"] == n and not r.get("reference") and r["mean"] is not None]
         for k, r in enumerate(students):
             ax.scatter([k] * len(r["values"]), [100 * v for v in r["values"]], s=14, color="tab:gray", zorder=2)
             ax.errorbar([k], [100 * r["mean"]], yerr=[100 * r["sd"]], fmt="o", color="tab:green", capsize=4, zorder=3)
@@ -423,8 +440,8 @@ def compare(study_path: Path, overrides: list[str] | tuple[str, ...] = (), jobs:
             print(f"{state:5} {j.run_dir}")
         return {}
     t0 = time.perf_counter()
-    reused = run_jobs(all_jobs, revision, jobs, folder / "logs")
-    rows, diffs = collect(study, all_jobs)
+    reused, failed = run_jobs(all_jobs, revision, jobs, folder / "logs")
+    rows, diffs = collect(study, [j for j in all_jobs if j.cfg.name not in failed])
     command = command or "graftkd compare " + shlex.join([str(study_path), *overrides])
     title = (f"{study.name}: test accuracy, mean ± sd over seeds {', '.join(map(str, study.seeds))}; "
              f"{study.steps} optimiser steps per run; Δ = paired difference to {study.baseline or next(iter(study.methods))}"
@@ -433,10 +450,14 @@ def compare(study_path: Path, overrides: list[str] | tuple[str, ...] = (), jobs:
     out = {"study": study.name, "revision": revision, "command": command, "steps": study.steps,
            "baseline": study.baseline or next(iter(study.methods)), "seeds": study.seeds, "shots": study.shots,
            "rows": rows, "differences": diffs, "runs_reused": sum(reused.values()), "runs": len(all_jobs),
+           "failures": [{"run": j.cfg.name, "method": j.method, "shots": j.shots, "seed": j.seed,
+                         "error": failed[j.cfg.name]} for j in all_jobs if j.cfg.name in failed],
            "seconds": round(time.perf_counter() - t0, 1),
            "config": json.loads(json.dumps(study.model_dump(mode="json")))}
     atomic_write_json(folder / "compare.json", out)
     table = markdown(rows, diffs, title)
+    if failed:
+        table += "\n\nFailed runs (left out of the rows): " + "; ".join(f"{n}: {e}" for n, e in failed.items())
     atomic_write_text(folder / "compare.md", table + "\n")
     plot(rows, folder / "compare.png", study.name)
     target = results or study.results
