@@ -292,6 +292,8 @@ class GraftStageOptim(Strict):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (PyTorch defaults, as NetGraft)")
     scale_lr_with_shots: bool = Field(True, description="with method.scale_with_shots, multiply these lrs by N/10")
+    target: Literal["host", "fused", "label"] | None = Field(
+        None, description="the target of this stage's phases; None: method.target")
 
 
 class GraftStage2Optim(GraftStageOptim):
@@ -315,6 +317,13 @@ class GraftMethod(Strict):
                              "fused multi-teacher target (`fusion`); label: cross-entropy (ablation)")
     host: int | None = Field(None, ge=0, description="index into `teachers` of the host; None: best on validation")
     temperature: float = Field(4.0, gt=0, description="temperature of the fused target (target=fused)")
+    fused_loss: Literal["nlmse", "kl"] = Field(
+        "kl", description="how the fused target is matched: nlmse: NetGraft's normalised-logit MSE to the fused "
+                          "logits (`fused_logits`); kl: T^2 KL to the fused probabilities")
+    fused_logits: Literal["normalized_mean", "mean", "log_probs"] = Field(
+        "normalized_mean", description="fused logit vector for fused_loss=nlmse: normalized_mean: sum_k w_k z_k/||z_k||; "
+                                       "mean: sum_k w_k z_k; log_probs: T log of the fused probabilities, centred")
+    kd_weight: float = Field(0.0, ge=0, description="weight of an extra T^2 KL term to the fused probabilities")
     ce_weight: float = Field(0.0, ge=0, description="weight of an extra CE term to the labels (host/fused)")
     shared_stages: int = Field(0, ge=0, description="leading host stages kept with the stem: copied into the "
                                                     "student, never grafted (NetGraft VGG16: 3)")

@@ -55,6 +55,7 @@ class UnitPlan:
     lo: int
     hi: int
     train: tuple[int, ...]
+    target: str = "host"
 
 
 def shot_scaling(shots: int | None, enabled: bool, batch_size: int) -> tuple[float, int]:
@@ -64,6 +65,16 @@ def shot_scaling(shots: int | None, enabled: bool, batch_size: int) -> tuple[flo
         return 1.0, batch_size
     factor = shots / 10
     return factor, max(1, int(batch_size * factor))
+
+
+def stage_targets(opts: GraftMethod) -> tuple[str, str]:
+    """The targets of stage 1 and stage 2."""
+    return opts.stage1.target or opts.target, opts.stage2.target or opts.target
+
+
+def uses_fused_probs(opts: GraftMethod) -> bool:
+    """Whether a phase reads the fused probabilities (the only targets the soft-target cache stores)."""
+    return opts.kd_weight > 0 or (opts.fused_loss == "kl" and "fused" in stage_targets(opts))
 
 
 def _per_unit(values: list, i: int) -> Any:
@@ -195,13 +206,13 @@ class Graft(Method):
         phases, plan = [], {}
         for u in range(self.n_units):
             name = f"stage1_{self.unit_name(u)}"
-            plan[name] = UnitPlan(u, u + 1, (u,))
+            plan[name] = UnitPlan(u, u + 1, (u,), s1.target or self.opts.target)
             phases.append(Phase(name, _per_unit(s1.epochs, u), [self._stage_optim(s1, u, (u,))], final=False,
                                 select_best=False, batch_size=self.batch_size))
         for i in range(2, self.n_units + 1):
             name = f"stage2_to_{self.unit_name(i - 1)}"
             units = tuple(range(i))
-            plan[name] = UnitPlan(0, i, units)
+            plan[name] = UnitPlan(0, i, units, s2.target or self.opts.target)
             phases.append(Phase(name, _per_unit(s2.epochs, i - 2), [self._stage_optim(s2, i - 2, units)],
                                 final=False, select_best=False, batch_size=self.batch_size))
         phases[-1].final = phases[-1].select_best = True
@@ -254,16 +265,22 @@ class Graft(Method):
         h = self._prefix(x)
         s = self._hybrid_from(h).float()
         out: dict[str, Tensor] = {}
-        target = self.opts.target
+        opts, target = self.opts, self.active.target
         if target == "host":
             with torch.no_grad():
                 z = self._host_from(self.active.lo, h).float()
             out["nlmse"] = loss = normalized_logit_mse(s, z)
+        elif target == "fused" and opts.fused_loss == "nlmse":
+            z = self.targets.ensemble.fused_logits(x, y, opts.fused_logits, opts.temperature)
+            out["nlmse"] = loss = normalized_logit_mse(s, z)
         elif target == "fused":
-            out["kd"] = loss = kd_loss_from_probs(s, self.targets(batch), self.opts.temperature)
+            out["kd"] = loss = kd_loss_from_probs(s, self.targets(batch), opts.temperature)
         else:
             out["ce"] = loss = F.cross_entropy(s, y)
-        if target != "label" and self.opts.ce_weight > 0:
+        if opts.kd_weight > 0 and not (target == "fused" and opts.fused_loss == "kl"):
+            out["kd"] = kd_loss_from_probs(s, self.targets(batch), opts.temperature)
+            loss = loss + opts.kd_weight * out["kd"]
+        if target != "label" and opts.ce_weight > 0:
             out["ce"] = F.cross_entropy(s, y)
             loss = loss + self.opts.ce_weight * out["ce"]
         out["loss"] = loss
@@ -337,9 +354,10 @@ def build_graft(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: A
     if cfg.trainer.steps is not None:
         raise UserError(f"trainer.steps = {cfg.trainer.steps}: grafting's length is method.stage1.epochs and "
                         f"method.stage2.epochs; set trainer.steps=null")
-    if cfg.teacher_cache.enabled and opts.target != "fused":
-        raise UserError(f"teacher_cache.enabled = true, but method.target = '{opts.target}' does not use the "
-                        f"fused teacher targets; set teacher_cache.enabled=false")
+    if cfg.teacher_cache.enabled and not uses_fused_probs(opts):
+        raise UserError(f"teacher_cache.enabled = true, but no phase uses the fused teacher probabilities (method.target "
+                        f"= '{opts.target}', fused_loss = '{opts.fused_loss}', kd_weight = {opts.kd_weight}); the cache "
+                        f"stores only those; set teacher_cache.enabled=false")
     targets = build_teacher_targets(cfg, data, run_dir, device, dist, opts.temperature, False)
     k = len(targets.ensemble)
     host = int(targets.ensemble.val_acc.argmax()) if opts.host is None else opts.host

@@ -114,6 +114,13 @@ class TeacherEnsemble(nn.Module):
             p = fusion.fuse(z, self.weights(z, y), temperature, standardize)
         return p.clone()
 
+    def fused_logits(self, x: torch.Tensor, y: torch.Tensor | None, how: str, temperature: float) -> torch.Tensor:
+        """[B, C] fused logit vector (``fusion.fuse_logits``) for images x and labels y."""
+        with torch.inference_mode():
+            z = torch.stack([t(x).float() for t in self.teachers])
+            v = fusion.fuse_logits(z, self.weights(z, y), how, temperature)
+        return v.clone()
+
     def global_weights(self) -> list[float] | None:
         """Per-teacher weights of a global strategy (mean, accuracy, best), else None."""
         if self.fusion.strategy not in fusion.GLOBAL_STRATEGIES:

@@ -80,3 +80,32 @@ def fuse(logits: torch.Tensor, w: torch.Tensor, temperature: float, standardize:
         z = standardize_logits(z)
     p = torch.softmax(z / temperature, dim=-1)  # [K, B, C]
     return torch.einsum("bk,kbc->bc", w.float(), p)
+
+
+FUSED_LOGITS = ("normalized_mean", "mean", "log_probs")
+
+
+def fuse_logits(logits: torch.Tensor, w: torch.Tensor, how: str, temperature: float = 1.0) -> torch.Tensor:
+    """[B, C] one logit vector per sample from teacher logits [K, B, C] and weights [B, K].
+
+    - ``normalized_mean``: ``sum_k w_k z_k / ||z_k||`` (each teacher's logits L2-normalised first, so a
+      teacher's logit scale does not change its weight; matching its direction with the normalised-logit
+      MSE has the gradient of ``sum_k w_k`` times each teacher's normalised-logit MSE, up to a per-sample
+      scale ``1 / ||sum_k w_k z_k / ||z_k|| ||``).
+    - ``mean``: ``sum_k w_k z_k``.
+    - ``log_probs``: ``T log sum_k w_k softmax(z_k / T)``, centred over classes (a logit vector is only
+      defined up to a constant; the centred one is the zero-mean representative), so that its softmax at
+      T is the fused distribution.
+    """
+    z = logits.float()
+    w = w.float()
+    if how == "normalized_mean":
+        z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return torch.einsum("bk,kbc->bc", w, z)
+    if how == "mean":
+        return torch.einsum("bk,kbc->bc", w, z)
+    if how == "log_probs":
+        logp = torch.logsumexp(torch.log_softmax(z / temperature, dim=-1) + w.T.clamp_min(1e-30).log()[..., None], dim=0)
+        v = temperature * logp
+        return v - v.mean(dim=-1, keepdim=True)
+    raise ValueError(f"unknown fused logits '{how}' (known: {', '.join(FUSED_LOGITS)})")
