@@ -70,6 +70,23 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+WHAT = {
+    "scratch": "resnet8 on the shots alone (CE)",
+    "kd": "Hinton KD from the best teacher (0.9 KD + 0.1 CE, T 4)",
+    "mt_kd_mean": "multi-teacher KD, mean fusion (as the issue's mt_kd)",
+    "mt_kd_acc": "multi-teacher KD, accuracy fusion (tau 0.05)",
+    "host": "graft, NetGraft loss (normalised-logit MSE) to the host's logits",
+    "fused_kl": "graft, T^2 KL to the fused probabilities (the old `fused`)",
+    "fused_nlmse_nmean": "graft, normalised-logit MSE to sum_k w_k z_k/||z_k||",
+    "fused_nlmse_mean": "graft, normalised-logit MSE to sum_k w_k z_k",
+    "fused_nlmse_logp": "graft, normalised-logit MSE to T log p_fused (centred)",
+    "s1host_s2fused_kl": "graft, stage 1 host NLMSE, stage 2 fused KL",
+    "s1host_s2fused_nmean": "graft, stage 1 host NLMSE, stage 2 NLMSE to sum_k w_k z_k/||z_k||",
+    "host_kd0.1": "graft, host NLMSE + 0.1 fused KL",
+    "host_kd1": "graft, host NLMSE + 1.0 fused KL",
+}
+
+
 def revision() -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
@@ -94,11 +111,13 @@ def steps_taken(run_dir: Path) -> int:
     return int(rows[-1]["step"])
 
 
-def run(ovr: list[str]) -> tuple[float, int]:
+def run(ovr: list[str]) -> tuple[float, int, bool]:
+    """(validation accuracy, optimizer steps, whether the run was made now rather than reused)."""
     cfg = load_config(PRESET, ovr)
-    if not (cfg.run_dir / "metrics.json").is_file():
+    fresh = not (cfg.run_dir / "metrics.json").is_file()
+    if fresh:
         execute(cfg, overwrite=True)
-    return float(read_metrics(cfg.run_dir)["val"]["accuracy"]), steps_taken(cfg.run_dir)
+    return float(read_metrics(cfg.run_dir)["val"]["accuracy"]), steps_taken(cfg.run_dir), fresh
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,24 +130,30 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows: dict[tuple[str, int], dict] = {}
+    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
+    old_rev = {(r["variant"], r["shots"]): r["revision"] for r in old["rows"]}
+    command = "python benchmarks/graft_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     for shots in args.shots:
         for variant in args.variants:
-            values, steps = [], set()
+            values, steps, made = [], set(), False
             for seed in range(args.seeds):
                 ovr = overrides(variant, shots, seed, args.root, args.out)
-                acc, n = run(ovr)
+                acc, n, fresh = run(ovr)
+                made |= fresh
                 values.append(acc)
                 steps.add(n)
                 print(f"{variant:24s} {shots:2d} shots seed {seed}: val {acc:.4f} ({n} steps)", flush=True)
             mean, sd = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
             rows[(variant, shots)] = {"variant": variant, "shots": shots, "seeds": list(range(args.seeds)),
                                       "values": values, "mean": mean, "sd": sd, "steps": sorted(steps),
-                                      "overrides": VARIANTS[variant], "revision": revision()}
+                                      "what": WHAT[variant], "order": list(VARIANTS).index(variant),
+                                      "overrides": VARIANTS[variant], "command": command,
+                                      # the code that made the runs (reused runs keep the revision recorded then)
+                                      "revision": revision() if made else old_rev.get((variant, shots), revision())}
             print(f"== {variant:24s} {shots:2d} shots: val {100 * mean:.1f} +- {100 * sd:.1f}", flush=True)
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}  # read late: parallel calls
     rows = {**{(r["variant"], r["shots"]): r for r in old["rows"]}, **rows}
-    command = "python benchmarks/graft_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)
     atomic_write_json(RESULTS, {"benchmark": "graft_digits", "split": "val", "revision": revision(),
                                 "command": command, "seconds": round(time.perf_counter() - t0, 1),
                                 "rows": sorted(rows.values(), key=lambda r: (r["shots"], r["variant"]))})

@@ -175,11 +175,51 @@ def section_demo(d: dict[str, Any]) -> str:
     ])
 
 
+def section_graft_digits(d: dict[str, Any]) -> str:
+    """Grafting design study (issue 12): validation accuracy per variant; also written into
+    docs/methods/graft.md between its ``graft_digits`` markers."""
+    rows = d["rows"]
+    shots = sorted({r["shots"] for r in rows})
+    variants: list[str] = []
+    for r in sorted(rows, key=lambda r: r.get("order", 0)):
+        if r["variant"] not in variants:
+            variants.append(r["variant"])
+    by = {(r["variant"], r["shots"]): r for r in rows}
+    what = {r["variant"]: r.get("what", "") for r in rows}
+
+    def cell(v: str, n: int) -> str:
+        r = by.get((v, n))
+        return "-" if r is None else f"{pct(r['mean'], r['sd'])} (n={len(r['values'])})"
+
+    steps = sorted({s for r in rows for s in r["steps"]})
+    return "\n".join([
+        "## Grafting onto fused multi-teacher targets: design study on real digits (issue 12)", "",
+        f"VALIDATION accuracy (%) of the validation-selected student, mean ± sd over seeds (n = seeds; the "
+        f"seed also draws the shots); scikit-learn digits at 32 px, teachers resnet20 and resnet8x4, student "
+        f"resnet8, {'/'.join(map(str, steps))} optimizer steps per run. Test accuracy was not read. "
+        f"Command: `{d['command']}` (revision {d['revision'][:10]}).", "",
+        table(["variant", "what"] + [f"{n} shots/class" for n in shots],
+              [[f"`{v}`", what[v]] + [cell(v, n) for n in shots] for v in variants]),
+    ])
+
+
+def write_between_markers(path: Path, name: str, text: str) -> None:
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    doc = path.read_text()
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{path} lacks the markers {start} ... {end}")
+    head, rest = doc.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
 SECTIONS: list[tuple[str, Callable[[Any], str]]] = [
     ("demo", section_demo),
     ("data_throughput", section_data),
     ("multi_teacher", section_multi_teacher),
     ("fewshot", section_fewshot),
+    ("graft_digits", section_graft_digits),
     ("atf", section_atf),
     ("latency", section_latency),
     ("vs_torchdistill", section_vs_torchdistill),
@@ -203,6 +243,10 @@ def main() -> None:
     if missing:
         parts += ["## Not measured", "", "No results yet for: " + ", ".join(missing) + ".", ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+    study = load("graft_digits")
+    if study is not None:  # the design study's table also lives in the method's page
+        write_between_markers(ROOT / "docs" / "methods" / "graft.md", "graft_digits",
+                              section_graft_digits(study).split("\n", 2)[2])
 
 
 if __name__ == "__main__":

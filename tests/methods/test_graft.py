@@ -17,16 +17,18 @@ from graftkd.teachers.targets import TeacherTargets
 STATS = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
-def targets_of(*models: nn.Module, T: float = 4.0) -> TeacherTargets:
+def targets_of(*models: nn.Module, T: float = 4.0, fusion: FusionConfig = FusionConfig(strategy="mean"),
+               val_acc: list[float] | None = None) -> TeacherTargets:
     teachers = [Teacher(m, f"t{i}", "test", *STATS, *STATS) for i, m in enumerate(models)]
-    return TeacherTargets(TeacherEnsemble(teachers, FusionConfig(strategy="mean"), torch.tensor([0.5] * len(models))),
-                          T, False)
+    acc = torch.tensor(val_acc or [0.5] * len(models))
+    return TeacherTargets(TeacherEnsemble(teachers, fusion, acc), T, False)
 
 
-def make(host: str, student: str, size: int = 16, shots: int | None = None, **opts) -> Graft:
+def make(host: str, student: str, size: int = 16, shots: int | None = None, others: tuple[nn.Module, ...] = (),
+         **opts) -> Graft:
     h, s = MODELS.get(host)(num_classes=3), MODELS.get(student)(num_classes=3)
-    return Graft(GraftMethod(**opts), targets_of(h, T=opts.get("temperature", 4.0)), 0, s, student_name=student, input_size=size,
-                 batch_size=64, shots=shots)
+    return Graft(GraftMethod(**opts), targets_of(h, *others, T=opts.get("temperature", 4.0)), 0, s,
+                 student_name=student, input_size=size, batch_size=64, shots=shots)
 
 
 def randomise(module: nn.Module) -> None:
@@ -40,8 +42,8 @@ def randomise(module: nn.Module) -> None:
                 m.running_var.uniform_(0.5, 1.5, generator=g)
 
 
-def step(method: Graft, x: torch.Tensor, y: torch.Tensor) -> dict:
-    phase = method.phases()[0]
+def step(method: Graft, x: torch.Tensor, y: torch.Tensor, phase_index: int = 0) -> dict:
+    phase = method.phases()[phase_index]
     return method.training_step({"image": x, "label": y, "index": torch.arange(len(y)), "view": torch.zeros_like(y)},
                                 StepContext(phase, 0, 0, 0, 1))
 
@@ -135,6 +137,46 @@ def test_host_loss_is_netgraft_normalised_mse_and_fused_is_t2_kl():
     torch.testing.assert_close(out["loss"], kd + 0.5 * ce, rtol=1e-5, atol=1e-7)
 
 
+def test_fused_logits_in_the_normalised_logit_loss_per_stage_targets_and_fused_kd():
+    """fused_loss=nlmse: NetGraft's loss to the fused logit vector; stage1.target=host: the host's
+    logits in stage 1 and the fused target in stage 2; kd_weight adds T^2 KL to the fused probabilities."""
+    other = MODELS.get("resnet8x4")(num_classes=3)
+    randomise(other)
+    m = make("resnet8", "resnet8", others=(other,), target="fused", fused_loss="nlmse",
+             fused_logits="normalized_mean", stage1={"target": "host"}, kd_weight=0.5, temperature=2.0)
+    randomise(m.net), randomise(m.H.model)
+    x, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 2])
+
+    def nlmse(s, t):
+        return sum(((s[b] / s[b].norm() - t[b] / t[b].norm()) ** 2).sum() for b in range(len(s)))
+
+    with torch.no_grad():
+        z0, z1 = m.H.model(x), other(x)
+    p = 0.5 * torch.softmax(z0 / 2, 1) + 0.5 * torch.softmax(z1 / 2, 1)
+    for index, teacher_logits in ((0, z0), (len(m.phases()) - 1, 0.5 * z0 / z0.norm(dim=1, keepdim=True)
+                                                             + 0.5 * z1 / z1.norm(dim=1, keepdim=True))):
+        phase = m.phases()[index]
+        m.start_phase(phase)
+        assert m.active.target == ("host" if phase.name.startswith("stage1") else "fused")
+        out = step(m, x, y, index)
+        with torch.no_grad():
+            s = m.hybrid(x)
+        kd = 4 * (p * (p.log() - torch.log_softmax(s / 2, 1))).sum(1).mean()
+        torch.testing.assert_close(out["nlmse"], nlmse(s, teacher_logits), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out["kd"], kd, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out["loss"], out["nlmse"] + 0.5 * kd, rtol=1e-6, atol=0)
+
+
+def test_cache_needs_a_phase_that_reads_fused_probabilities():
+    from graftkd.methods.graft import uses_fused_probs
+
+    assert uses_fused_probs(GraftMethod(target="fused", fused_loss="kl"))
+    assert uses_fused_probs(GraftMethod(target="host", stage2={"target": "fused"}, fused_loss="kl"))
+    assert uses_fused_probs(GraftMethod(target="host", kd_weight=0.1))
+    assert not uses_fused_probs(GraftMethod(target="host"))
+    assert not uses_fused_probs(GraftMethod(target="fused", fused_loss="nlmse"))
+
+
 @pytest.mark.parametrize("host,student,size,shared,arch,junctions", [
     ("vgg16", "vgg16_graft", 32, 3, "graft:vgg16_graft", [3]),
     ("wrn_16_2", "wrn_40_1", 16, 0, "graft:wrn_40_1", [0, 1, 2]),
@@ -206,3 +248,23 @@ def test_end_to_end_graft_run_on_synthetic(tmp_path):
     assert metrics["params"]["student"] == sum(p.numel() for p in MODELS.get("resnet8")(num_classes=2).parameters())
     model, meta = load_model_file(run / "model.pt")
     assert meta["arch"] == "resnet8" and type(model).__name__ == "CifarResNet"
+
+
+def test_host_null_takes_the_best_teacher_the_student_can_be_grafted_into():
+    """resnet8 keeps its host's stem (16 channels), so a resnet8x4 (32) ranked first on validation is
+    skipped for the resnet20 behind it; it still contributes to the fused target."""
+    from graftkd.methods.graft import first_graftable
+
+    models = [MODELS.get(n)(num_classes=3) for n in ("resnet8x4", "resnet20")]
+    t = targets_of(*models)
+
+    def build(host):
+        return Graft(GraftMethod(), t, host, MODELS.get("resnet8")(num_classes=3), student_name="resnet8",
+                     input_size=16, batch_size=8, shots=None)
+
+    m = first_graftable([0, 1], build, ["resnet8x4", "resnet20"])
+    assert m.host_index == 1 and len(m.targets.ensemble) == 2
+    with pytest.raises(UserError, match="'conv1' must have the same tensors"):
+        first_graftable([0], build, ["resnet8x4", "resnet20"])  # an explicit host: its own error
+    with pytest.raises(UserError, match=r"no teacher can be the graft host:\n  teacher 0 \(resnet8x4\): .*conv1"):
+        first_graftable([0, 0], build, ["resnet8x4", "resnet20"])

@@ -90,3 +90,31 @@ def test_fuse_exact_with_and_without_standardisation():
     assert torch.allclose(fusion.fuse(z.float(), w.float(), T, False).double(), plain, atol=1e-6)
     assert torch.allclose(fusion.fuse(z.float(), w.float(), T, True).double(), stand, atol=1e-6)
     assert torch.allclose(fusion.fuse(z.float(), w.float(), T, True).sum(-1), torch.ones(3), atol=1e-6)
+
+
+def test_fuse_logits_exact():
+    z = torch.tensor([[[3.0, 4.0, 0.0]], [[0.0, 0.0, 2.0]]])  # 2 teachers, 1 sample, 3 classes; norms 5 and 2
+    w = torch.tensor([[0.25, 0.75]])
+    torch.testing.assert_close(fusion.fuse_logits(z, w, "normalized_mean"),
+                               torch.tensor([[0.25 * 0.6, 0.25 * 0.8, 0.75 * 1.0]]))
+    torch.testing.assert_close(fusion.fuse_logits(z, w, "mean"), torch.tensor([[0.75, 1.0, 1.5]]))
+    # log_probs: T log(sum_k w_k softmax(z_k / T)), centred; its softmax at T is the fused distribution
+    T = 2.0
+    v = fusion.fuse_logits(z, w, "log_probs", T)
+    p = 0.25 * torch.softmax(z[0] / T, -1) + 0.75 * torch.softmax(z[1] / T, -1)
+    ref = T * p.log()
+    torch.testing.assert_close(v, ref - ref.mean(-1, keepdim=True))
+    torch.testing.assert_close(v.sum(-1), torch.zeros(1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.softmax(v / T, -1), fusion.fuse(z, w, T, False))
+    with pytest.raises(ValueError, match="unknown fused logits 'x'"):
+        fusion.fuse_logits(z, w, "x")
+
+
+def test_fuse_logits_of_one_teacher_has_its_direction_and_zero_weight_is_ignored():
+    z = _logits(k=2, b=4, c=5)
+    w = torch.tensor([[1.0, 0.0]]).expand(4, -1)
+    for how in ("normalized_mean", "mean"):
+        v = fusion.fuse_logits(z, w, how)
+        torch.testing.assert_close(v / v.norm(dim=-1, keepdim=True), z[0] / z[0].norm(dim=-1, keepdim=True))
+    v = fusion.fuse_logits(z, w, "log_probs", 4.0)  # T log softmax(z/T), centred = z centred
+    torch.testing.assert_close(v, z[0] - z[0].mean(-1, keepdim=True), atol=1e-5, rtol=0)

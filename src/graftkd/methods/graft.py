@@ -346,6 +346,22 @@ class Graft(Method):
         return report
 
 
+def first_graftable(order: list[int], build: Any, names: list[str]) -> Graft:
+    """``build(host)`` for the first host in ``order`` the student can be grafted into (a UserError
+    from ``build`` means it cannot); a UserError naming every refusal when none can. With one host
+    in ``order`` its own error is raised."""
+    refusals = []
+    for host in order:
+        try:
+            return build(host)
+        except UserError as e:
+            if len(order) == 1:
+                raise
+            refusals.append(f"teacher {host} ({names[host]}): {e}")
+            log.info("graft: teacher %d (%s) cannot be the host: %s", host, names[host], e)
+    raise UserError("no teacher can be the graft host:\n  " + "\n  ".join(refusals))
+
+
 @METHODS.register("graft")
 def build_graft(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: Any, device: torch.device,
                 dist: Any, **_: Any) -> Graft:
@@ -360,8 +376,11 @@ def build_graft(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: A
                         f"stores only those; set teacher_cache.enabled=false")
     targets = build_teacher_targets(cfg, data, run_dir, device, dist, opts.temperature, False)
     k = len(targets.ensemble)
-    host = int(targets.ensemble.val_acc.argmax()) if opts.host is None else opts.host
-    if host >= k:
-        raise UserError(f"method.host = {host} but there are only {k} teachers")
-    return Graft(opts, targets, host, build_student().to(device), student_name=cfg.model.name,
-                 input_size=data.image_size, batch_size=cfg.data.batch_size, shots=data.info.get("shots"))
+    if opts.host is not None and opts.host >= k:
+        raise UserError(f"method.host = {opts.host} but there are only {k} teachers")
+    # host: null -> the best teacher on validation that the student can be grafted into (the fused
+    # target needs only the other teachers' outputs, so they may have any architecture)
+    order = [opts.host] if opts.host is not None else [int(i) for i in targets.ensemble.val_acc.argsort(descending=True, stable=True)]
+    return first_graftable(order, lambda host: Graft(
+        opts, targets, host, build_student().to(device), student_name=cfg.model.name, input_size=data.image_size,
+        batch_size=cfg.data.batch_size, shots=data.info.get("shots")), [t.name for t in targets.ensemble.teachers])
