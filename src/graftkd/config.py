@@ -284,8 +284,9 @@ class GraftStageOptim(Strict):
     """Adam of grafting stage 1, block-wise (NetGraft CIFAR-10 defaults: a fresh Adam per unit,
     constant lr, the weights of the last epoch handed on)."""
 
-    epochs: list[Annotated[int, Field(ge=1)]] = Field(
-        [100, 60, 60], min_length=1, description="epochs per unit (stages, then the head); the last value repeats")
+    epochs: list[Annotated[int, Field(ge=1)]] | None = Field(
+        [100, 60, 60], min_length=1, description="epochs per unit (stages, then the head); the last value repeats. "
+                                                 "Not with trainer.steps (method.stage1_share splits those instead)")
     lr: list[Annotated[float, Field(gt=0)]] = Field(
         [2.5e-4], min_length=1, description="Adam lr of the student modules per unit; the last value repeats")
     bridge_lr: float = Field(2.5e-3, gt=0, description="Adam lr of the 1x1 bridges")
@@ -300,8 +301,9 @@ class GraftStage2Optim(GraftStageOptim):
     """Adam of grafting stage 2, progressive (NetGraft: lr 1e-4 for every parameter, not scaled with
     N; the final step keeps its best-validation epoch)."""
 
-    epochs: list[Annotated[int, Field(ge=1)]] = Field(
-        [100, 100], min_length=1, description="epochs per progressive step (units 1..i, i = 2..n); the last repeats")
+    epochs: list[Annotated[int, Field(ge=1)]] | None = Field(
+        [100, 100], min_length=1, description="epochs per progressive step (units 1..i, i = 2..n); the last repeats. "
+                                              "Not with trainer.steps")
     lr: list[Annotated[float, Field(gt=0)]] = Field([1e-4], min_length=1, description="Adam lr per step; the last repeats")
     bridge_lr: float = Field(1e-4, gt=0, description="Adam lr of the 1x1 bridges")
     scale_lr_with_shots: bool = Field(False, description="with method.scale_with_shots, multiply these lrs by N/10")
@@ -331,6 +333,9 @@ class GraftMethod(Strict):
                                                       "where name and shape match")
     scale_with_shots: bool = Field(True, description="NetGraft rule with data.shots = N: batch = "
                                                      "int(data.batch_size * N/10), lrs x N/10 (see scale_lr_with_shots)")
+    stage1_share: float = Field(0.5, gt=0, lt=1, description="with trainer.steps: the share of the run's optimiser "
+                                                             "steps given to stage 1, split evenly over its phases; "
+                                                             "stage 2 splits the rest evenly")
     stage1: GraftStageOptim = Field(GraftStageOptim(), description="block-wise grafting, one phase per unit")
     stage2: GraftStage2Optim = Field(GraftStage2Optim(), description="progressive grafting, units 1..i together")
 

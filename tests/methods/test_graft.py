@@ -25,10 +25,10 @@ def targets_of(*models: nn.Module, T: float = 4.0, fusion: FusionConfig = Fusion
 
 
 def make(host: str, student: str, size: int = 16, shots: int | None = None, others: tuple[nn.Module, ...] = (),
-         **opts) -> Graft:
+         steps: int | None = None, **opts) -> Graft:
     h, s = MODELS.get(host)(num_classes=3), MODELS.get(student)(num_classes=3)
     return Graft(GraftMethod(**opts), targets_of(h, *others, T=opts.get("temperature", 4.0)), 0, s,
-                 student_name=student, input_size=size, batch_size=64, shots=shots)
+                 student_name=student, input_size=size, batch_size=64, shots=shots, steps=steps)
 
 
 def randomise(module: nn.Module) -> None:
@@ -248,6 +248,17 @@ def test_end_to_end_graft_run_on_synthetic(tmp_path):
     assert metrics["params"]["student"] == sum(p.numel() for p in MODELS.get("resnet8")(num_classes=2).parameters())
     model, meta = load_model_file(run / "model.pt")
     assert meta["arch"] == "resnet8" and type(model).__name__ == "CifarResNet"
+    # one budget in optimiser steps, shared out over the 7 phases (stage 1: round(9 * 0.5) = 4 -> 1 each)
+    method = {"name": "graft", "target": "fused", "fused_loss": "nlmse", "stage1_share": 0.5}
+    steps = validate_config({**common, "name": "s", "model": {"name": "resnet8"}, "teachers": cfg.teachers,
+                             "trainer": {**common["trainer"], "steps": 9}, "method": method})
+    metrics = read_metrics(execute(steps))
+    assert metrics["steps"] == 9 and metrics["phase_steps"] == {
+        "stage1_layer1": 1, "stage1_layer2": 1, "stage1_layer3": 1, "stage1_head": 1,
+        "stage2_to_layer2": 1, "stage2_to_layer3": 2, "stage2_to_head": 2}
+    both = steps.model_copy(update={"method": GraftMethod(**method, stage1={"epochs": [1]})})
+    with pytest.raises(UserError, match=r"trainer.steps = 9 and method.stage1.epochs = \[1\]: give grafting's length"):
+        execute(both, overwrite=True)
 
 
 def test_host_null_takes_the_best_teacher_the_student_can_be_grafted_into():
@@ -268,3 +279,21 @@ def test_host_null_takes_the_best_teacher_the_student_can_be_grafted_into():
         first_graftable([0], build, ["resnet8x4", "resnet20"])  # an explicit host: its own error
     with pytest.raises(UserError, match=r"no teacher can be the graft host:\n  teacher 0 \(resnet8x4\): .*conv1"):
         first_graftable([0, 0], build, ["resnet8x4", "resnet20"])
+
+
+def test_one_step_budget_split_into_the_phases():
+    from graftkd.methods.graft import phase_steps, split_steps
+
+    assert split_steps(10, 3) == [3, 3, 4] and split_steps(9, 3) == [3, 3, 3] and split_steps(2, 1) == [2]
+    assert phase_steps(300, 0.5, 4) == ([37, 37, 38, 38], [50, 50, 50])
+    assert phase_steps(300, 0.4, 4) == ([30, 30, 30, 30], [60, 60, 60])
+    assert phase_steps(7, 0.5, 1) == ([7], [])  # no stage 2: stage 1 takes the whole budget
+    with pytest.raises(UserError, match="every phase needs at least one step"):
+        phase_steps(5, 0.5, 4)
+    m = make("resnet8", "resnet20", shots=5, steps=301, stage1_share=0.4)
+    assert [(p.name, p.epochs, p.steps) for p in m.phases()] == [
+        ("stage1_layer1", None, 30), ("stage1_layer2", None, 30), ("stage1_layer3", None, 30), ("stage1_head", None, 30),
+        ("stage2_to_layer2", None, 60), ("stage2_to_layer3", None, 60), ("stage2_to_head", None, 61)]
+    assert sum(p.steps for p in m.phases()) == 301
+    with pytest.raises(UserError, match="method.stage2.epochs is null: give"):
+        make("resnet8", "resnet20", stage2={"epochs": None})

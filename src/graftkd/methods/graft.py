@@ -77,6 +77,25 @@ def uses_fused_probs(opts: GraftMethod) -> bool:
     return opts.kd_weight > 0 or (opts.fused_loss == "kl" and "fused" in stage_targets(opts))
 
 
+def split_steps(total: int, parts: int) -> list[int]:
+    """``total`` steps in ``parts`` near-equal whole parts summing to ``total``; the later parts get the
+    remainder (the final, selected phase is never the shorter one)."""
+    q, r = divmod(total, parts)
+    return [q + (i >= parts - r) for i in range(parts)]
+
+
+def phase_steps(steps: int, stage1_share: float, n_units: int) -> tuple[list[int], list[int]]:
+    """Optimiser steps of the stage-1 phases (one per unit) and the stage-2 phases (n_units - 1): stage 1
+    gets ``round(steps * stage1_share)`` (all of them when there is no stage 2), stage 2 the rest; each
+    phase at least one step (UserError if ``steps`` cannot give that)."""
+    n2 = n_units - 1
+    s1 = steps if n2 == 0 else round(steps * stage1_share)
+    if s1 < n_units or steps - s1 < n2:
+        raise UserError(f"trainer.steps = {steps} with method.stage1_share = {stage1_share} gives stage 1 {s1} steps "
+                        f"for {n_units} phases and stage 2 {steps - s1} for {n2}: every phase needs at least one step")
+    return split_steps(s1, n_units), split_steps(steps - s1, n2) if n2 else []
+
+
 def _per_unit(values: list, i: int) -> Any:
     return values[min(i, len(values) - 1)]
 
@@ -85,7 +104,8 @@ class Graft(Method):
     """Grafts ``student``'s units into the host ``targets.ensemble.teachers[host_index]``."""
 
     def __init__(self, opts: GraftMethod, targets: TeacherTargets, host_index: int, student: nn.Module, *,
-                 student_name: str, input_size: int, batch_size: int, shots: int | None) -> None:
+                 student_name: str, input_size: int, batch_size: int, shots: int | None,
+                 steps: int | None = None) -> None:
         super().__init__()
         self.opts = opts
         self.targets = targets
@@ -132,6 +152,7 @@ class Graft(Method):
             m.requires_grad_(False)
         self.frozen = [targets, *self.shared_modules]
         self.factor, self.batch_size = shot_scaling(shots, opts.scale_with_shots, batch_size)
+        self.steps = steps
         self._phases, self._plan = self._build_phases()
         self.active = UnitPlan(0, self.n_units, ())
         log.info("graft: %s", self.describe())
@@ -202,19 +223,35 @@ class Graft(Method):
                          schedule=ScheduleConfig(name="constant"))
 
     def _build_phases(self) -> tuple[list[Phase], dict[str, UnitPlan]]:
+        """Stage 1 then stage 2; lengths in epochs (``stage<k>.epochs``) or, with a run budget in optimiser
+        steps, in steps (``phase_steps``)."""
         s1, s2 = self.opts.stage1, self.opts.stage2
+        if self.steps is not None:
+            steps1, steps2 = phase_steps(self.steps, self.opts.stage1_share, self.n_units)
+        else:
+            steps1, steps2 = [], []
+            for k, stage in ((1, s1), (2, s2)):
+                if stage.epochs is None:
+                    raise UserError(f"method.stage{k}.epochs is null: give the stage lengths in epochs, or the run's "
+                                    f"length in trainer.steps (split by method.stage1_share)")
         phases, plan = [], {}
+
+        def length(stage: GraftStageOptim, steps: list[int], i: int) -> dict[str, int | None]:
+            if self.steps is not None:
+                return {"epochs": None, "steps": steps[i]}
+            return {"epochs": _per_unit(stage.epochs, i), "steps": None}
+
         for u in range(self.n_units):
             name = f"stage1_{self.unit_name(u)}"
             plan[name] = UnitPlan(u, u + 1, (u,), s1.target or self.opts.target)
-            phases.append(Phase(name, _per_unit(s1.epochs, u), [self._stage_optim(s1, u, (u,))], final=False,
-                                select_best=False, batch_size=self.batch_size))
+            phases.append(Phase(name, optimizers=[self._stage_optim(s1, u, (u,))], final=False, select_best=False,
+                                batch_size=self.batch_size, **length(s1, steps1, u)))
         for i in range(2, self.n_units + 1):
             name = f"stage2_to_{self.unit_name(i - 1)}"
             units = tuple(range(i))
             plan[name] = UnitPlan(0, i, units, s2.target or self.opts.target)
-            phases.append(Phase(name, _per_unit(s2.epochs, i - 2), [self._stage_optim(s2, i - 2, units)],
-                                final=False, select_best=False, batch_size=self.batch_size))
+            phases.append(Phase(name, optimizers=[self._stage_optim(s2, i - 2, units)], final=False,
+                                select_best=False, batch_size=self.batch_size, **length(s2, steps2, i - 2)))
         phases[-1].final = phases[-1].select_best = True
         return phases, plan
 
@@ -367,13 +404,16 @@ def build_graft(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: A
                 dist: Any, **_: Any) -> Graft:
     opts = cfg.method
     assert isinstance(opts, GraftMethod)
-    if cfg.trainer.steps is not None:
-        raise UserError(f"trainer.steps = {cfg.trainer.steps}: grafting's length is method.stage1.epochs and "
-                        f"method.stage2.epochs; set trainer.steps=null")
     if cfg.teacher_cache.enabled and not uses_fused_probs(opts):
         raise UserError(f"teacher_cache.enabled = true, but no phase uses the fused teacher probabilities (method.target "
                         f"= '{opts.target}', fused_loss = '{opts.fused_loss}', kd_weight = {opts.kd_weight}); the cache "
                         f"stores only those; set teacher_cache.enabled=false")
+    if cfg.trainer.steps is not None:
+        given = [f"method.stage{k}.epochs = {stage.epochs}" for k, stage in ((1, opts.stage1), (2, opts.stage2))
+                 if "epochs" in stage.model_fields_set and stage.epochs is not None]
+        if given:
+            raise UserError(f"trainer.steps = {cfg.trainer.steps} and {' and '.join(given)}: give grafting's length in "
+                            f"steps (split by method.stage1_share) or in stage epochs, not both (set those to null)")
     targets = build_teacher_targets(cfg, data, run_dir, device, dist, opts.temperature, False)
     k = len(targets.ensemble)
     if opts.host is not None and opts.host >= k:
@@ -383,4 +423,5 @@ def build_graft(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: A
     order = [opts.host] if opts.host is not None else [int(i) for i in targets.ensemble.val_acc.argsort(descending=True, stable=True)]
     return first_graftable(order, lambda host: Graft(
         opts, targets, host, build_student().to(device), student_name=cfg.model.name, input_size=data.image_size,
-        batch_size=cfg.data.batch_size, shots=data.info.get("shots")), [t.name for t in targets.ensemble.teachers])
+        batch_size=cfg.data.batch_size, shots=data.info.get("shots"),
+        steps=cfg.trainer.steps), [t.name for t in targets.ensemble.teachers])
