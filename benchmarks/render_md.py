@@ -72,42 +72,111 @@ def section_multi_teacher(d: dict[str, Any]) -> str:
     ])
 
 
-def section_fewshot(rows: list[dict[str, Any]]) -> str:
-    shots = sorted({r["shots"] for r in rows if r.get("shots") is not None})
-    methods: list[str] = []
-    for r in rows:
-        if r["method"] not in methods:
-            methods.append(r["method"])
-    cell = {(r["method"], r["shots"]): pct(r["mean"], r["sd"]) for r in rows}
-    cmd = next((r["command"] for r in rows if "command" in r), "python benchmarks/fewshot.py --threads 1")
+def study_table(d: dict[str, Any]) -> str:
+    """The rows of a ``graftkd compare`` JSON: mean ± sd, per seed, paired Δ to the baseline with its
+    bootstrap 95% interval (image accuracy; patient recognition rate too when images are grouped)."""
+    diffs = {(x["method"], x["shots"], x["metric"]): x for x in d["differences"]}
+    grouped = any("test_patients" in r for r in d["rows"])
+    head = ["method", "shots", "test accuracy %", "per seed", f"Δ vs {d['baseline']} [95% CI]"]
+    head += ["patient RR %", "Δ patient RR [95% CI]"] if grouped else []
+    head += ["steps"]
+
+    def delta(r: dict[str, Any], metric: str) -> str:
+        x = diffs.get((r["method"], r["shots"], metric))
+        if x is None:
+            return "(baseline)" if r["method"] == d["baseline"] else ""
+        return f"{100 * x['mean']:+.1f} [{100 * x['ci95'][0]:+.1f}, {100 * x['ci95'][1]:+.1f}]"
+
+    rows = []
+    for r in d["rows"]:
+        if r["mean"] is None:
+            rows.append([r["method"], r["shots"], "all runs failed"] + [""] * (len(head) - 3))
+            continue
+        ref = r.get("reference")
+        row = [r["method"] + (" (reference)" if ref else ""), r["shots"],
+               f"{100 * r['mean']:.1f}" if ref else pct(r["mean"], r["sd"]),
+               "" if ref else ", ".join(f"{100 * v:.1f}" for v in r["values"]), delta(r, "accuracy")]
+        if grouped:
+            p = r.get("patient_recognition_rate")
+            row += ["" if p is None else (f"{100 * p['mean']:.1f}" if ref else pct(p["mean"], p["sd"])),
+                    delta(r, "patient_recognition_rate")]
+        row.append(r.get("steps", ""))
+        rows.append(row)
+    out = [table(head, rows)]
+    if d.get("failures"):
+        out += ["", "Failed runs (left out): " + "; ".join(f"{f['run']}: {f['error']}" for f in d["failures"]) + "."]
+    return "\n".join(out)
+
+
+def study_caption(d: dict[str, Any]) -> str:
+    r0 = next(r for r in d["rows"] if not r.get("reference"))
+    units = "test patients" if "test_patients" in r0 else "test images"
+    return (f"Test accuracy (%) of the validation-selected student, mean ± sample sd over seeds "
+            f"{', '.join(map(str, d['seeds']))}; every run {d['steps']} optimiser steps; Δ = paired difference to "
+            f"{d['baseline']} with a bootstrap 95% interval over seeds and {units} "
+            f"({r0.get('test_images')} test images" + (f", {r0['test_patients']} patients" if "test_patients" in r0 else "")
+            + f"). Code revision `{d['revision'][:12]}`, {d['runs']} runs. Command: `{d['command']}`.")
+
+
+def bar_checks(d: dict[str, Any], shots: int) -> list[str]:
+    """Issue 12's bar on the digits rows at ``shots``, evaluated from the JSON."""
+    r = {x["method"]: x for x in d["rows"] if x["shots"] == shots and not x.get("reference") and x["mean"] is not None}
+
+    def check(text: str, ok: bool) -> str:
+        return f"- {text}: {'met' if ok else 'NOT met'}"
+
+    def gt_sd(a: str, b: str) -> bool:
+        return r[a]["mean"] - r[b]["mean"] > max(r[a]["sd"], r[b]["sd"])
+
+    need = ("scratch", "kd", "mt_kd", "graft_host", "graft_fused", "atf")
+    if not all(m in r for m in need):
+        return ["- not every method has results"]
+    steps = {str(x["steps"]) for x in r.values()}
+    return [check("graft_fused ≥ graft_host", r["graft_fused"]["mean"] >= r["graft_host"]["mean"]),
+            check("graft_fused > mt_kd by more than one sd", gt_sd("graft_fused", "mt_kd")),
+            check("mt_kd ≥ kd", r["mt_kd"]["mean"] >= r["kd"]["mean"]),
+            check("kd > scratch by more than one sd", gt_sd("kd", "scratch")),
+            check("atf ≥ kd", r["atf"]["mean"] >= r["kd"]["mean"]),
+            check(f"every row has the same steps ({', '.join(sorted(steps))})", len(steps) == 1)]
+
+
+def section_fewshot_digits(d: dict[str, Any]) -> str:
     return "\n".join([
-        "## Few-shot grafting with multi-teacher soft targets (issue 5)", "",
-        f"Test accuracy (%) of the validation-selected student, mean ± sd over {seeds_text(rows[0]['seeds'])}; "
-        f"synthetic histology, patient split, binary task; three teachers (resnet20, resnet32, resnet56) trained "
-        f"once on the full training split; `teacher_best` and `ensemble` are those teachers on the same test "
-        f"patients. Command: `{cmd}`.", "",
-        table(["method"] + [f"{n} shots/class" for n in shots],
-              [[m] + [cell.get((m, n), "-") for n in shots] for m in methods]),
-        "",
-        "Best student per shot count (highest mean): " + "; ".join(
-            f"{n} shots: {best['method']} {pct(best['mean'], best['sd'])}" for n in shots
-            for best in [max((r for r in rows if r["shots"] == n and r["method"] not in ("teacher_best", "ensemble")),
-                             key=lambda r: r["mean"])])
-        + ". The test split holds a handful of patients, so differences within about one sd are not significant.",
+        "## Few-shot distillation on real images: handwritten digits (issue 12)", "",
+        "scikit-learn's 1,797 handwritten digits at 32 px (`benchmarks/digits_data.py`): fixed test set of 600 "
+        "and validation set of 300 images, teachers resnet20 and resnet8x4 trained on the other 897; student "
+        "resnet8 on N labelled images per class drawn with each seed. " + study_caption(d), "",
+        study_table(d), "", "The bar of issue 12 at 5 shots (computed from these rows):", "",
+        *bar_checks(d, 5),
     ])
 
 
-def section_atf(rows: list[dict[str, Any]]) -> str:
-    cmd = next((r["command"] for r in rows if "command" in r), "python benchmarks/atf.py")
+def section_fewshot(d: Any) -> str:
+    if isinstance(d, list):  # older layout: a list of rows
+        d = {"rows": [{**r, "values": r.get("values", [])} for r in d], "differences": [], "baseline": "-",
+             "seeds": list(range(d[0]["seeds"])) if isinstance(d[0]["seeds"], int) else d[0]["seeds"],
+             "steps": "-", "revision": "-", "runs": "-", "command": d[0].get("command", "python benchmarks/fewshot.py")}
+    sds = [r["sd"] for r in d["rows"] if not r.get("reference") and r.get("sd") is not None]
     return "\n".join([
-        "## Adaptive Teacher Finetune and the offline/online comparison (issue 6)", "",
-        f"Test accuracy (%) of the validation-selected student (or, in the rows so marked, of the "
-        f"adapted teacher), mean ± sd over {seeds_text(rows[0]['seeds'])}; synthetic histology, same student, same epochs. "
-        f"Command: `{cmd}`.", "",
-        table(["method", "test accuracy", "per seed"],
-              [[r["method"], pct(r["mean"], r["sd"]), ", ".join(f"{100 * v:.1f}" for v in r.get("values", []))]
-               for r in rows]),
+        "## Few-shot distillation on synthetic histology (issue 12)", "",
+        "Synthetic H&E-like histology, binary task, patient split fixed by split seed 0; patients have 2 to 10 "
+        "images each, so the patient recognition rate (mean over patients of their image accuracy) differs from "
+        "image accuracy. " + study_caption(d), "",
+        study_table(d), "",
+        f"Largest sd over seeds: {100 * max(sds):.1f} points (bar: every row ≤ 3)." if sds else "",
     ])
+
+
+def section_atf(d: Any) -> str:
+    if isinstance(d, list):  # older layout
+        return "\n".join(["## Adaptive Teacher Finetune (older layout)", "",
+                          table(["method", "test accuracy"], [[r["method"], pct(r["mean"], r["sd"])] for r in d])])
+    parts = ["## Adaptive Teacher Finetune against offline, offline-joint and online (issue 12)", "",
+             f"Command: `{d['command']}` (code revision `{d['revision'][:12]}`). One study per data set; every "
+             f"variant is `method.name: atf` with its `mode`, the same student and the same step budget.", ""]
+    for name, study in d["studies"].items():
+        parts += [f"### {name}", "", study_caption(study), "", study_table(study), ""]
+    return "\n".join(parts)
 
 
 def section_latency(d: dict[str, Any]) -> str:
@@ -218,6 +287,7 @@ SECTIONS: list[tuple[str, Callable[[Any], str]]] = [
     ("demo", section_demo),
     ("data_throughput", section_data),
     ("multi_teacher", section_multi_teacher),
+    ("fewshot_digits", section_fewshot_digits),
     ("fewshot", section_fewshot),
     ("graft_digits", section_graft_digits),
     ("atf", section_atf),

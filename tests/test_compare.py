@@ -107,3 +107,15 @@ def test_paired_bootstrap_of_a_constant_difference_is_that_constant_and_interval
         ci = paired_bootstrap(num, np.ones(n), 500, seed=3)["ci95"]
         widths.append(ci[1] - ci[0])
     assert widths[1] < widths[0] / 3
+
+
+def test_a_diverging_run_is_recorded_and_the_study_goes_on(tmp_path, teacher, capsys):
+    study = write_study(tmp_path, teacher)
+    bad = "methods.bad={method: {name: supervised}, teachers: [], optimizer: {lr: 1.0e+30}}"
+    assert main(["compare", str(study), f"data.root={tmp_path / 'data'}", "seeds=[0]", bad]) == 0
+    res = json.loads((tmp_path / "study" / "compare.json").read_text())
+    assert [(f["method"], f["seed"]) for f in res["failures"]] == [("bad", 0)]
+    assert "non-finite loss" in res["failures"][0]["error"]
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["bad"]["mean"] is None and rows["scratch"]["values"] and rows["kd"]["values"]
+    assert "Failed runs" in capsys.readouterr().out
