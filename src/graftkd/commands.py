@@ -40,7 +40,9 @@ def _run(args: argparse.Namespace, supervised: bool) -> int:
         raise UserError("method.name = 'supervised': use `graftkd train`, or set method.name to kd, dkd, dml, atf or graft")
     if args.nproc > 1:
         from graftkd.engine.launch import relaunch_with_torchrun
+        from graftkd.experiment import preflight
 
+        preflight(cfg, args.resume, args.overwrite)  # user errors before any rank starts (no run folder yet)
         return relaunch_with_torchrun(args.nproc)
     from graftkd.experiment import execute, read_metrics
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,22 +30,152 @@ from graftkd.files import atomic_write_json, atomic_write_text
 from graftkd.runtime import resolve_device, resolve_precision, seed_everything
 
 
-def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> Path:
+def aside_path(run_dir: Path) -> Path:
+    """Where ``--overwrite`` keeps the old run until the new one has written its first checkpoint."""
+    return run_dir.parent / f".{run_dir.name}.replaced"
+
+
+def recover_interrupted_replacement(run_dir: Path) -> None:
+    """Finish an ``--overwrite`` that was killed half-way: the old run comes back if the new one never
+    reached its first checkpoint; otherwise the new run stands and the old one is deleted."""
+    aside = aside_path(run_dir)
+    if not aside.is_dir():
+        return
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    os.rename(aside, run_dir)
+    print(f"graftkd: note: restored {run_dir}, which an interrupted --overwrite had set aside", file=sys.stderr)
+
+
+def check_run_folder(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> Path:
+    """Every check on the run folder, without creating or changing anything."""
     run_dir = cfg.run_dir
     if resume:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise UserError(f"--resume: {run_dir} has no checkpoints/last.pt")
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"run folder {run_dir} already exists: pass --resume to continue it, "
-                            f"--overwrite to replace it, or set output.name=<new name>")
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"cannot create run folder {run_dir}: a file of that name exists")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise UserError(f"run folder {run_dir} already exists: pass --resume to continue it, "
+                        f"--overwrite to replace it, or set output.name=<new name>")
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot create run folder {run_dir}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create run folder {run_dir}: {parent} is not writable")
     return run_dir
+
+
+class _Terminated(BaseException):
+    """SIGTERM while a run is starting (torchrun stops the other ranks when one fails)."""
+
+
+class RunStart:
+    """The run folder of a starting run, made only after ``preflight`` passed.
+
+    A new run gets a fresh folder; with ``--overwrite`` the old folder is first renamed to
+    ``aside_path`` and deleted only at ``commit`` (the first checkpoint). Any failure before then
+    deletes the new folder and puts the old one back, so a failed start leaves no trace. A resumed
+    run changes nothing in its folder (``defer``) until its checkpoint has loaded and it saves again.
+    Active on rank 0 only; the other ranks use the folder rank 0 made.
+    """
+
+    def __init__(self, run_dir: Path, resume: bool, active: bool) -> None:
+        self.run_dir, self.resume, self.active = run_dir, resume, active
+        self.aside: Path | None = None
+        self.created = self.committed = self.was_empty = False
+        self._pending: list = []
+        self._old_handler: Any = None
+
+    def __enter__(self) -> "RunStart":
+        if not self.active or self.resume:
+            return self
+        run_dir = self.run_dir
+        try:
+            if run_dir.is_dir() and any(run_dir.iterdir()):  # --overwrite (checked by check_run_folder)
+                self.aside = aside_path(run_dir)
+                os.rename(run_dir, self.aside)
+            elif run_dir.is_dir():
+                self.was_empty = True
+                run_dir.rmdir()
+            run_dir.mkdir(parents=True)
+        except OSError as e:
+            if self.aside is not None and not run_dir.exists():
+                os.rename(self.aside, run_dir)
+            raise UserError(f"cannot create run folder {run_dir}: {e.strerror or e}") from None
+        self.created = True
+        if threading.current_thread() is threading.main_thread():
+            self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    @staticmethod
+    def _on_sigterm(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    def defer(self, write) -> None:
+        """Run ``write()`` now in a new folder; for a resumed run, at ``commit``."""
+        if not self.active:
+            return
+        if self.resume and not self.committed:
+            self._pending.append(write)
+        else:
+            write()
+
+    def commit(self) -> None:
+        """The run has started for good: drop the old folder, do the deferred writes."""
+        if self.committed or not self.active:
+            return
+        self.committed = True
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+        for write in self._pending:
+            write()
+        self._pending.clear()
+        self._restore_handler()
+
+    def _restore_handler(self) -> None:
+        if self._old_handler is not None:
+            signal.signal(signal.SIGTERM, self._old_handler)
+            self._old_handler = None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is None:
+            self.commit()
+            return False
+        self._restore_handler()
+        if self.created and not self.committed:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            if self.aside is not None:
+                os.rename(self.aside, self.run_dir)
+            elif self.was_empty:
+                self.run_dir.mkdir()
+        if exc_type is _Terminated:
+            raise SystemExit(143)
+        return False
+
+
+def preflight(cfg: ExperimentConfig, resume: bool, overwrite: bool, *, is_main: bool = True) -> Any:
+    """Every check that can fail before training, with nothing written to the run folder: the run
+    folder's state, the data (scan, full decode of every image, split), the student model and the
+    teachers (files, classes). Returns the data bundle."""
+    from graftkd.data import build_data
+    from graftkd.teachers.ensemble import load_teacher
+
+    if is_main:
+        recover_interrupted_replacement(cfg.run_dir)
+    check_run_folder(cfg, resume, overwrite)
+    data = build_data(cfg.data, cfg.seed, None, work_dir=cfg.output.dir)
+    build_student_factory(cfg, data.num_classes)()
+    for i, t in enumerate(cfg.teachers):
+        load_teacher(t, i, list(data.classes), tuple(data.mean), tuple(data.std))
+    return data
 
 
 def build_student_factory(cfg: ExperimentConfig, num_classes: int):
@@ -83,28 +217,41 @@ def execute(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fa
 
 def _execute(cfg: ExperimentConfig, device: torch.device, dist: DistContext, resume: bool, overwrite: bool) -> Path:
     import graftkd.methods  # noqa: F401  registers the methods
-    from graftkd.data import build_data
     from graftkd.methods.base import METHODS
-    from graftkd.models import save_model_file
 
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    run_dir = prepare_run_dir(cfg, resume, overwrite) if dist.is_main else cfg.run_dir
-    dist.barrier()
-    if dist.is_main:
-        save_resolved_config(cfg, run_dir, dist)
     t0 = time.perf_counter()
-    data = build_data(cfg.data, cfg.seed, run_dir if dist.is_main else None)
-    seed_everything(cfg.seed)  # identical initial weights on every rank (rank 0's are broadcast anyway)
-    factory = METHODS.get(cfg.method.name)
-    method = factory(cfg, data, build_student=build_student_factory(cfg, data.num_classes), run_dir=run_dir,
-                     device=device, dist=dist)
-    trainer = Trainer(cfg, run_dir, device, dist)
-    result = trainer.fit(method, data.train, data.val, resume=resume)
+    data = preflight(cfg, resume, overwrite, is_main=dist.is_main)
+    run_dir = cfg.run_dir
+    with RunStart(run_dir, resume, active=dist.is_main) as start:
+        dist.barrier()  # rank 0 has made the folder
+        start.defer(lambda: save_resolved_config(cfg, run_dir, dist))
+        start.defer(lambda: data.write_splits(run_dir))
+        seed_everything(cfg.seed)  # identical initial weights on every rank (rank 0's are broadcast anyway)
+        factory = METHODS.get(cfg.method.name)
+        method = factory(cfg, data, build_student=build_student_factory(cfg, data.num_classes), run_dir=run_dir,
+                         device=device, dist=dist)
+        trainer = Trainer(cfg, run_dir, device, dist)
+        trainer.on_checkpoint = start.commit
+        result = trainer.fit(method, data.train, data.val, resume=resume)
     train_s = time.perf_counter() - t0
     if not dist.is_main:
         return run_dir
+    try:
+        return _finish(cfg, device, dist, data, method, result, run_dir, train_s)
+    except (UserError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"training finished (checkpoints in {run_dir / 'checkpoints'}), but the run could not be "
+                        f"scored, so there is no metrics.json: {reason}") from None
+
+
+def _finish(cfg: ExperimentConfig, device: torch.device, dist: DistContext, data: Any, method: Any, result: Any,
+            run_dir: Path, train_s: float) -> Path:
+    """Exported student, extra outputs, predictions.csv and metrics.json of a trained run (rank 0)."""
+    from graftkd.models import save_model_file
+
     method.eval()
     student = method.student()
     arch = getattr(method, "student_arch", cfg.model.name)

@@ -190,9 +190,11 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
         split_desc["empty_classes"] = empty
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"graftkd: warning: the split leaves {'; '.join(empty)}", file=sys.stderr)
+    def splits_writer(folder: Path, records: list[Record] = records, assign: list[str] = assign) -> Path:
+        return write_splits(Path(folder) / "splits.csv", records, assign, root)
+
     if run_dir is not None:
-        write_splits(Path(run_dir) / "splits.csv", records, assign, root)
-        split_desc["written"] = str(Path(run_dir) / "splits.csv")
+        split_desc["written"] = str(splits_writer(Path(run_dir)))
     parts = {s: [r for r, a in zip(records, assign) if a == s] for s in SPLITS}
     if not parts["train"]:
         raise UserError(f"the split left no training images ({len(records)} images, {split_desc})")
@@ -232,4 +234,5 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
     })
     if len({r.group for r in records}) < len(records):  # real groups (patients): list them per split
         info["groups"] = {s: sorted({r.group for r in parts[s]}) for s in SPLITS}
-    return DataBundle(datasets["train"], datasets["val"], datasets["test"], classes, mean, std, cfg.image_size, info)
+    return DataBundle(datasets["train"], datasets["val"], datasets["test"], classes, mean, std, cfg.image_size, info,
+                      splits_writer)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -48,6 +49,16 @@ class DataBundle:
     std: tuple[float, float, float]
     image_size: int
     info: dict[str, Any] = field(default_factory=dict)  # split seed, shots, source summary, ...
+    #: writes ``splits.csv`` (every record with its split, before few-shot) into a run folder
+    splits_writer: Callable[[Path], Path] | None = field(default=None, repr=False, compare=False)
+
+    def write_splits(self, run_dir: Path) -> Path | None:
+        """Write ``run_dir/splits.csv`` (when the bundle was built without a run folder)."""
+        if self.splits_writer is None:
+            return None
+        path = self.splits_writer(Path(run_dir))
+        self.info.setdefault("split", {})["written"] = str(path)
+        return path
 
     @property
     def num_classes(self) -> int:

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -107,6 +107,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.history: list[dict[str, Any]] = []
         self._tb = None
+        #: called once, after the first ``last.pt`` is written (rank 0)
+        self.on_checkpoint: Callable[[], None] | None = None
         configure_torch(self.tc)
 
     # ---------------------------------------------------------------------------------- logging
@@ -139,6 +141,9 @@ class Trainer:
     def _save_last(self, method: Method, state: dict[str, Any]) -> None:
         if self.dist.is_main:
             save_checkpoint(self.ckpt_dir / "last.pt", {"kind": "train_state", "model": method.state_dict(), **state})
+            if self.on_checkpoint is not None:  # the run has started for good (see experiment.RunStart)
+                hook, self.on_checkpoint = self.on_checkpoint, None
+                hook()
 
     def _save_best(self, method: Method, info: dict[str, Any]) -> None:
         if self.dist.is_main:

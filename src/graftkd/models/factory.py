@@ -47,7 +47,10 @@ def _build(name: str, num_classes: int, pretrained: bool, kwargs: dict[str, Any]
     if not name.startswith(TIMM_PREFIX) and name in MODELS:
         if pretrained:
             raise UserError(f"model '{name}' has no pretrained weights; pass a trained model file as checkpoint")
-        return MODELS.get(name)(num_classes=num_classes, **kwargs)
+        try:
+            return MODELS.get(name)(num_classes=num_classes, **kwargs)
+        except TypeError as e:  # unexpected constructor kwargs
+            raise UserError(f"model '{name}' (model.kwargs): {e}") from None
     timm_name = name.removeprefix(TIMM_PREFIX)
     if not timm.is_model(timm_name):
         raise _unknown(name)
