@@ -254,6 +254,13 @@ CASES: dict[str, Case] = {
     "grafting a pair with different stage counts": teacher_case(
         _teacher("vgg8", ["benign", "malignant"]), "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]",
         method="graft", culprit=lambda t: ["stage", "vgg8", "resnet8"]),
+    "soft-target cache with ATF (teachers adapt)": teacher_case(
+        _teacher("resnet8", ["benign", "malignant"]), "teacher_cache.enabled=true", method="atf",
+        culprit=lambda t: ["teacher_cache.enabled"]),
+    "graft host index out of range": teacher_case(
+        _teacher("resnet8", ["benign", "malignant"]), "method.host=3", "data.mean=[0.5,0.5,0.5]",
+        "data.std=[0.25,0.25,0.25]", method="graft", culprit=lambda t: ["method.host = 3"]),
+    "DML without peers": simple("method.name=dml", culprits=["peers"], command="distill"),
     # ---------------------------------------------------------------------------- run folder
     "existing run without --overwrite": Case(lambda c: (run_args(c, f"output.name={DONE}"),
                                                         [str(c.out / DONE), "already exists"]), own_name=True),
