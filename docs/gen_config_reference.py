@@ -46,7 +46,6 @@ FALLBACK: dict[str, str] = {
     "data.num_workers": "DataLoader worker processes",
     "data.decoded_cache": "cache of decoded, resized base images: none, memory (per process) or mmap (file shared "
                           "by workers and later runs)",
-    "data.on_bad_file": "error: stop on an unreadable or mis-named file; skip: leave it out and count it",
     "data.split.kind": "fraction: stratified group split by fractions; kfold: k group folds; official: BreakHis "
                        "Folds.csv; predefined: the source's own train/test (CIFAR, CSV split column, folder train/ test/)",
     "data.split.train": "kind=fraction: fraction of groups for train",
