@@ -7,7 +7,7 @@ constraints, descriptions), so they cannot drift from the code:
     .venv/bin/python docs/gen_config_reference.py --write   # replace the generated part of configuration.md
     .venv/bin/python docs/gen_config_reference.py --check   # exit 1 if configuration.md is out of date
 
-A field's meaning is its ``description`` in config.py. Fields without one get the short text in
+A field's meaning is its ``description`` in config.py (or the method's module for ``method.*``). Fields without one get the short text in
 ``FALLBACK`` below (keyed by the dotted key); ``--check`` also fails when a FALLBACK entry names a
 key that no longer exists, or when a key has neither a description nor a fallback.
 """
@@ -24,11 +24,15 @@ from typing import Any, Iterator, Literal, Union
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+import graftkd.methods  # noqa: F401  registers every method and its config section
 from graftkd import config as C
 
 DOC = Path(__file__).resolve().parent / "configuration.md"
 BEGIN = "<!-- BEGIN GENERATED CONFIG REFERENCE (docs/gen_config_reference.py) -->"
 END = "<!-- END GENERATED CONFIG REFERENCE -->"
+
+#: the order of the method tables (the default first); methods not listed follow alphabetically
+METHOD_ORDER = ["supervised", "kd", "dkd", "dml", "atf", "graft"]
 
 #: meanings of fields that have no ``description`` in config.py (dotted keys; method keys as
 #: ``method.<field>`` for the method whose ``name`` is given in brackets).
@@ -239,7 +243,8 @@ def generate() -> tuple[str, list[str]]:
     out += ["### `method`", "",
             "`method.name` selects one of the following key sets (a discriminated union); "
             "the default method is `supervised`.", ""]
-    for name, cls in C.METHOD_CLASSES.items():
+    for name in METHOD_ORDER + sorted(set(C.METHOD_CONFIGS) - set(METHOD_ORDER)):
+        cls = C.METHOD_CONFIGS.get(name)
         rows = list(rows_of(cls, "method.", name, used))
         all_rows += rows
         out += [f"#### `method.name: {name}`", "", table(rows), ""]

@@ -26,6 +26,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config_for(args: argparse.Namespace) -> ExperimentConfig:
+    import graftkd.methods  # noqa: F401  registers every method and its config section
     from graftkd.config import load_config
 
     return load_config(args.config, args.overrides)

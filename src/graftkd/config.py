@@ -1,20 +1,26 @@
 """Typed experiment configuration: one YAML file per experiment, ``a.b=c`` overrides, resolved dump.
 
-Every default a method uses is a field here, so the resolved ``config.yaml`` in the run folder
-shows all of them. Unknown keys are errors that name the key and the closest valid one.
+Every default is a field, so the resolved ``config.yaml`` in the run folder shows all of them.
+Unknown keys are errors that name the key and the closest valid one (``config_errors``).
+
+The ``method:`` section is the exception to "everything is here": each method's config class
+lives in its own module in ``graftkd/methods/`` and joins the union when that module registers
+it (``METHODS.register(name, config=...)``); importing ``graftkd.methods`` registers them all
+(the CLI and ``graftkd.experiment`` do).
 """
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from graftkd.config_errors import format_validation_error
 from graftkd.errors import UserError
+from graftkd.registry import Registry
 
 
 class Strict(BaseModel):
@@ -161,9 +167,17 @@ class CacheConfig(Strict):
 
 
 # -------------------------------------------------------------------------------------- methods
-class SupervisedMethod(Strict):
-    name: Literal["supervised"] = "supervised"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+class MethodConfig(Strict):
+    """Base of a method's ``method:`` section. Each method module defines a subclass whose ``name``
+    is a one-value Literal (``name: Literal["kd"] = "kd"``) and registers it with its factory
+    (``@METHODS.register("kd", config=KDMethod)``, methods/base.py); the ``method`` field of
+    ``ExperimentConfig`` is the discriminated union of the registered subclasses."""
+
+    name: str
+
+
+#: method name -> its config class (filled by ``register_method_config``)
+METHOD_CONFIGS: Registry[type[MethodConfig]] = Registry("method")
 
 
 class DivergenceConfig(Strict):
@@ -174,180 +188,6 @@ class DivergenceConfig(Strict):
     alpha_min: float = -1.0
     alpha_max: float = 1.0
     iw_clip: float = Field(5.0, gt=0)
-
-
-class KDMethod(Strict):
-    """ce_weight * CE + kd_weight * T^2 D(target || softmax(s/T)); target = one teacher's softmax or the
-    fused multi-teacher distribution (mdistiller defaults)."""
-
-    name: Literal["kd"] = "kd"
-    temperature: float = Field(4.0, gt=0, description="T of the teachers' and the student's softmax")
-    ce_weight: float = Field(0.1, ge=0, description="weight of CE to the labels")
-    kd_weight: float = Field(0.9, ge=0, description="weight of the T^2-scaled divergence to the target")
-    standardize: bool = Field(False, description="logit standardisation Z() of teacher and student logits before /T")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the CE term")
-    divergence: DivergenceConfig = Field(DivergenceConfig(), description="kl | alpha | alpha_beta")
-
-
-class DKDMethod(Strict):
-    """ce_weight * CE + min(epoch / warmup, 1) * (alpha TCKD + beta NCKD), epoch from 1 (mdistiller defaults)."""
-
-    name: Literal["dkd"] = "dkd"
-    temperature: float = Field(4.0, gt=0, description="T of the teachers' and the student's softmax")
-    ce_weight: float = Field(1.0, ge=0, description="weight of CE to the labels")
-    alpha: float = Field(1.0, ge=0, description="weight of target-class KD (TCKD)")
-    beta: float = Field(8.0, ge=0, description="weight of non-target-class KD (NCKD); mdistiller uses 6 or 2 for some pairs")
-    warmup_epochs: int = Field(20, ge=0, description="linear ramp of the DKD term over this many epochs (0: none)")
-    warmup_steps: int | None = Field(None, ge=1, description="the ramp in optimiser steps instead (then "
-                                                             "warmup_epochs must be 0; it is, unless given)")
-    standardize: bool = Field(False, description="logit standardisation Z() of teacher and student logits before /T")
-
-    _steps = model_validator(mode="before")(classmethod(lambda cls, d: steps_replace_epochs(
-        d, "warmup_steps", "warmup_epochs", 0)))
-
-    @model_validator(mode="after")
-    def _one_warmup(self) -> "DKDMethod":
-        check_one_length(self, "method", "warmup_steps", "warmup_epochs", 0)
-        return self
-
-
-class DMLMethod(Strict):
-    """Deep mutual learning: `model` (peer 0, the student) and `peers` trained together from scratch."""
-
-    name: Literal["dml"] = "dml"
-    peers: list[ModelConfig] = Field(default_factory=list, description="extra peers besides `model` (at least one); "
-                                                                       "each saved as peer<k>.pt")
-    temperature: float = Field(1.0, gt=0, description="T of the mutual KL terms (DML: 1)")
-    ce_weight: float = Field(1.0, ge=0, description="weight of each peer's CE to the labels")
-    kd_weight: float = Field(1.0, ge=0, description="weight of mean_j T^2 KL(p_j || p_self) over the other (detached) peers")
-    teacher_weight: float = Field(0.0, ge=0, description="weight of an extra KD term to the fused teachers' target")
-
-
-class ATFMethod(Strict):
-    """Adaptive Teacher Finetune (our definition, methods.md I.4) and the modes it is compared with.
-
-    Student: ``ce_weight*CE(s, y) + kd_weight*T^2*D(stopgrad(p_T) || p_S)``. Teacher k (own
-    optimiser): ``CE(z_k, y) + lam*T^2*D(stopgrad(p_S) || p_k) + mu*||theta_k - theta_k0||^2``.
-    ``mode`` says which teacher terms are on: ``atf`` all of them; ``offline`` none (teachers frozen:
-    plain KD with the same divergence); ``offline_joint`` CE + mu (lam is not used); ``online`` CE +
-    lam with peers of the teachers' architectures from random init, trained from step 0 at
-    ``peer_lr_ratio`` (DML-like; checkpoints, mu, warmup_epochs and teacher_bn are not used).
-    """
-
-    name: Literal["atf"] = "atf"
-    mode: Literal["atf", "offline", "offline_joint", "online"] = "atf"
-    temperature: float = Field(2.0, gt=0, description="T of every divergence term (logit-standardisation preset: 2)")
-    standardize: bool = Field(True, description="Z-score logits per sample before /T in every divergence term")
-    ce_weight: float = Field(0.1, ge=0, description="student CE weight (logit-standardisation preset: 0.1)")
-    kd_weight: float = Field(9.0, ge=0, description="student divergence weight (logit-standardisation preset: 9)")
-    divergence: DivergenceConfig = Field(DivergenceConfig(kind="alpha", alpha=0.5),
-                                         description="D for the student and the teacher terms")
-    lam: float = Field(1.0, ge=0, description="weight of the teacher's divergence to the student (atf, online)")
-    mu: float = Field(1e-3, ge=0, description="weight of ||theta_T - theta_T0||^2 over all teacher parameters "
-                                               "(atf, offline_joint)")
-    lr_ratio: float = Field(0.1, ge=0, description="teacher lr = ratio * student lr (atf, offline_joint)")
-    peer_lr_ratio: float = Field(1.0, ge=0, description="mode online: peer lr = ratio * student lr "
-                                                         "(DML trains peers like the student)")
-    teacher_every: int = Field(1, ge=1, description="a teacher step every N optimiser steps (not online)")
-    warmup_epochs: int = Field(1, ge=0, description="epochs of plain offline KD before the teachers adapt "
-                                                    "(atf, offline_joint)")
-    warmup_steps: int | None = Field(None, ge=1, description="the same warm-up in optimiser steps (then "
-                                                             "warmup_epochs must be 0; it is, unless given)")
-    teacher_bn: Literal["train", "eval"] = Field(
-        "eval", description="mode of a pretrained teacher on its update steps: eval = running BN statistics "
-                            "used and never changed, no dropout (the frozen-teacher forward); train = batch "
-                            "statistics, running statistics updated, dropout on. Peers (online) always train")
-    teacher_weight_decay: float = Field(0.0, ge=0, description="weight decay of the teacher optimisers (atf, "
-                                                               "offline_joint; the student's optimizer.weight_decay "
-                                                               "would pull the teacher towards 0, against the anchor)")
-    teacher_ce_weight: float = Field(1.0, ge=0, description="weight of the teacher's CE to the labels (atf, "
-                                                            "offline_joint); 0: the teacher learns from the "
-                                                            "student's predictions and the anchor only")
-    adapt: Literal["all", "last_stage", "head"] = Field(
-        "all", description="which teacher parameters adapt (atf, offline_joint): all, the last stage and the "
-                           "head, or the classifier head only (as DIST+'s acclimation)")
-    guard: float | None = Field(None, ge=0, description="stop a teacher's adaptation, and roll it back to its best "
-                                                        "validated state, once its validation accuracy falls more "
-                                                        "than this below its accuracy before training; checked at "
-                                                        "every validation (None: off)")
-
-    _steps = model_validator(mode="before")(classmethod(lambda cls, d: steps_replace_epochs(
-        d, "warmup_steps", "warmup_epochs", 0)))
-
-    @model_validator(mode="after")
-    def _one_warmup(self) -> "ATFMethod":
-        check_one_length(self, "method", "warmup_steps", "warmup_epochs", 0)
-        return self
-
-
-class GraftStageOptim(Strict):
-    """Adam of grafting stage 1, block-wise (NetGraft CIFAR-10 defaults: a fresh Adam per unit,
-    constant lr, the weights of the last epoch handed on)."""
-
-    epochs: list[Annotated[int, Field(ge=1)]] | None = Field(
-        [100, 60, 60], min_length=1, description="epochs per unit (stages, then the head); the last value repeats. "
-                                                 "Not with trainer.steps (method.stage1_share splits those instead)")
-    lr: list[Annotated[float, Field(gt=0)]] = Field(
-        [2.5e-4], min_length=1, description="Adam lr of the student modules per unit; the last value repeats")
-    bridge_lr: float = Field(2.5e-3, gt=0, description="Adam lr of the 1x1 bridges")
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (PyTorch defaults, as NetGraft)")
-    scale_lr_with_shots: bool = Field(True, description="with method.scale_with_shots, multiply these lrs by N/10")
-    target: Literal["host", "fused", "label"] | None = Field(
-        None, description="the target of this stage's phases; None: method.target")
-
-
-class GraftStage2Optim(GraftStageOptim):
-    """Adam of grafting stage 2, progressive (NetGraft: lr 1e-4 for every parameter, not scaled with
-    N; the final step keeps its best-validation epoch)."""
-
-    epochs: list[Annotated[int, Field(ge=1)]] | None = Field(
-        [100, 100], min_length=1, description="epochs per progressive step (units 1..i, i = 2..n); the last repeats. "
-                                              "Not with trainer.steps")
-    lr: list[Annotated[float, Field(gt=0)]] = Field([1e-4], min_length=1, description="Adam lr per step; the last repeats")
-    bridge_lr: float = Field(1e-4, gt=0, description="Adam lr of the 1x1 bridges")
-    scale_lr_with_shots: bool = Field(False, description="with method.scale_with_shots, multiply these lrs by N/10")
-
-
-class GraftMethod(Strict):
-    """Dual-stage progressive network grafting (methods.md I.3): student units grafted into a frozen
-    host teacher one by one (stage 1), then progressively chained (stage 2), then bridges folded."""
-
-    name: Literal["graft"] = "graft"
-    target: Literal["host", "fused", "label"] = Field(
-        "fused", description="host: NetGraft normalised-logit MSE to the host's logits; fused: T^2 KL to the "
-                             "fused multi-teacher target (`fusion`); label: cross-entropy (ablation)")
-    host: int | None = Field(None, ge=0, description="index into `teachers` of the host; None: best on validation")
-    temperature: float = Field(4.0, gt=0, description="temperature of the fused target (target=fused)")
-    fused_loss: Literal["nlmse", "kl"] = Field(
-        "kl", description="how the fused target is matched: nlmse: NetGraft's normalised-logit MSE to the fused "
-                          "logits (`fused_logits`); kl: T^2 KL to the fused probabilities")
-    fused_logits: Literal["normalized_mean", "mean", "log_probs"] = Field(
-        "normalized_mean", description="fused logit vector for fused_loss=nlmse: normalized_mean: sum_k w_k z_k/||z_k||; "
-                                       "mean: sum_k w_k z_k; log_probs: T log of the fused probabilities, centred")
-    kd_weight: float = Field(0.0, ge=0, description="weight of an extra T^2 KL term to the fused probabilities")
-    ce_weight: float = Field(0.0, ge=0, description="weight of an extra CE term to the labels (host/fused)")
-    shared_stages: int = Field(0, ge=0, description="leading host stages kept with the stem: copied into the "
-                                                    "student, never grafted (NetGraft VGG16: 3)")
-    init_from_teacher: bool = Field(True, description="initialise grafted student tensors from the host's "
-                                                      "where name and shape match")
-    scale_with_shots: bool = Field(True, description="NetGraft rule with data.shots = N: batch = "
-                                                     "int(data.batch_size * N/10), lrs x N/10 (see scale_lr_with_shots)")
-    stage1_share: float = Field(0.5, gt=0, lt=1, description="with trainer.steps: the share of the run's optimiser "
-                                                             "steps given to stage 1, split evenly over its phases; "
-                                                             "stage 2 splits the rest evenly")
-    stage1: GraftStageOptim = Field(GraftStageOptim(), description="block-wise grafting, one phase per unit")
-    stage2: GraftStage2Optim = Field(GraftStage2Optim(), description="progressive grafting, units 1..i together")
-
-
-MethodConfig = Annotated[
-    Union[SupervisedMethod, KDMethod, DKDMethod, DMLMethod, ATFMethod, GraftMethod],
-    Field(discriminator="name"),
-]
-METHOD_CLASSES: dict[str, type[Strict]] = {
-    c.model_fields["name"].default: c
-    for c in (SupervisedMethod, KDMethod, DKDMethod, DMLMethod, ATFMethod, GraftMethod)
-}
 
 
 # ----------------------------------------------------------------------------- optimisation/run
@@ -425,7 +265,8 @@ class ExperimentConfig(Strict):
     teachers: list[TeacherConfig] = Field(default_factory=list)
     fusion: FusionConfig = FusionConfig()
     teacher_cache: CacheConfig = CacheConfig()
-    method: MethodConfig = SupervisedMethod()
+    method: MethodConfig = Field(default_factory=lambda: METHOD_CONFIGS.get("supervised")(),
+                                 description="one of the registered methods' sections, chosen by method.name")
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     trainer: TrainerConfig = TrainerConfig()
@@ -434,6 +275,21 @@ class ExperimentConfig(Strict):
     @property
     def run_dir(self) -> Path:
         return self.output.dir / (self.output.name or self.name)
+
+
+def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Add a method's config class and rebuild ``ExperimentConfig.method`` as the discriminated
+    union (on ``name``) of every registered class."""
+    name = cls.model_fields["name"].default
+    if not isinstance(name, str):
+        raise TypeError(f"{cls.__name__}.name needs a default: the method's name")
+    METHOD_CONFIGS.register(name)(cls)
+    classes = tuple(METHOD_CONFIGS.get(n) for n in METHOD_CONFIGS)
+    field = ExperimentConfig.model_fields["method"]
+    field.annotation = Union[classes] if len(classes) > 1 else classes[0]  # type: ignore[assignment]
+    field.discriminator = "name" if len(classes) > 1 else None
+    ExperimentConfig.model_rebuild(force=True)
+    return cls
 
 
 # ------------------------------------------------------------------------------ loading/overrides
@@ -477,93 +333,6 @@ def apply_override(tree: dict, parts: list[str], value: Any) -> None:
         node[last] = value
 
 
-def _model_at(loc: tuple, raw: Any) -> type[BaseModel] | None:
-    """The pydantic model class that owns the field at ``loc`` (discriminator tags skipped)."""
-    cls: Any = ExperimentConfig
-    node = raw
-    for part in loc:
-        if cls is None:
-            return None
-        if isinstance(part, int):
-            node = node[part] if isinstance(node, list) and part < len(node) else None
-            continue
-        if part in METHOD_CLASSES and cls is None:
-            continue
-        fields = cls.model_fields
-        if part not in fields:
-            return cls
-        ann = fields[part].annotation
-        node = node.get(part) if isinstance(node, dict) else None
-        cls = _resolve(ann, node)
-    return cls
-
-
-def _resolve(ann: Any, node: Any) -> Any:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    args = getattr(ann, "__args__", ()) or ()
-    metadata = getattr(ann, "__metadata__", None)
-    if metadata is not None:
-        return _resolve(args[0], node)
-    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-    if len(models) > 1 and isinstance(node, dict):
-        return METHOD_CLASSES.get(str(node.get("name", "supervised")))
-    if models:
-        return models[0]
-    for a in args:  # list[Model]
-        r = _resolve(a, node[0] if isinstance(node, list) and node else None)
-        if r is not None:
-            return r
-    return None
-
-
-def _clean_loc(loc: tuple) -> list:
-    return [p for p in loc if not (isinstance(p, str) and p in METHOD_CLASSES and p not in ExperimentConfig.model_fields)]
-
-
-def _origin(loc: list, overrides: tuple[tuple[list[str], str], ...], source: str) -> str:
-    """Where the value at ``loc`` came from: the last command-line override that set it (or a section
-    above or below it), else the file."""
-    path = [str(p) for p in loc]
-    for parts, text in reversed(overrides):
-        n = min(len(parts), len(path))
-        if parts[:n] == path[:n]:
-            return f"command line '{text}'"
-    return source
-
-
-def format_validation_error(err: ValidationError, raw: dict, source: str,
-                            overrides: tuple[tuple[list[str], str], ...] = ()) -> str:
-    """One line per problem, each headed by where the bad key or value came from (``source``, the
-    file, or the command-line override that set it); problems from one origin share the heading."""
-    lines: list[tuple[str, str]] = []
-    for e in err.errors():
-        loc = _clean_loc(tuple(e["loc"]))
-        key = ".".join(str(p) for p in loc)
-        origin = _origin(loc, overrides, source)
-        if e["type"] == "extra_forbidden":
-            owner = _model_at(tuple(loc[:-1]), raw)
-            hint = ""
-            if owner is not None:
-                close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1, cutoff=0.5)
-                hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + [close[0]])}'?" if close else \
-                    f" (valid: {', '.join(owner.model_fields)})"
-            lines.append((origin, f"unknown config key '{key}'{hint}"))
-        elif e["type"] == "union_tag_invalid":
-            lines.append((_origin(loc + ["name"], overrides, source),
-                          f"config key '{key}.name': unknown method {e['input'].get('name')!r} "
-                          f"(known: {', '.join(METHOD_CLASSES)})" if isinstance(e.get("input"), dict) else
-                          f"config key '{key}': {e['msg']}"))
-        else:
-            value = e.get("input")
-            shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-            lines.append((origin, f"config key '{key}' = {shown}: {e['msg']}"))
-    out: list[str] = []
-    for i, (origin, text) in enumerate(lines):
-        out.append(text if i and lines[i - 1][0] == origin else f"{origin}: {text}")
-    return "; ".join(out)
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read a YAML file (safe_load), apply ``a.b=c`` overrides, validate into ExperimentConfig."""
     raw: dict = {}
@@ -594,10 +363,15 @@ def validate_config(raw: dict, source: str = "config",
                     overrides: tuple[tuple[list[str], str], ...] = ()) -> ExperimentConfig:
     """Validate a raw config tree; errors name ``source`` or the command-line override (parts, text)
     that set the bad key."""
+    if not len(METHOD_CONFIGS):
+        raise UserError("no method is registered: `import graftkd.methods` before validating a config "
+                        "(it registers every method's config section)")
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, raw, source, overrides)) from None
+        methods = {n: METHOD_CONFIGS.get(n) for n in METHOD_CONFIGS}
+        raise UserError(format_validation_error(e, raw, source, ExperimentConfig, methods, "supervised",
+                                                overrides)) from None
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

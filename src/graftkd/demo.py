@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+import graftkd.methods  # noqa: F401  registers every method and its config section
 from graftkd.config import ExperimentConfig, deep_merge, validate_config
 from graftkd.errors import UserError
 

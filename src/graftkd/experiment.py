@@ -27,6 +27,7 @@ from graftkd.engine.trainer import Trainer
 from graftkd.errors import UserError
 from graftkd.eval.metrics import score_split
 from graftkd.files import atomic_write_json, atomic_write_text
+from graftkd.methods import METHODS  # the package: importing it registers every method
 from graftkd.runtime import resolve_device, resolve_precision, seed_everything
 
 
@@ -216,8 +217,6 @@ def execute(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fa
 
 
 def _execute(cfg: ExperimentConfig, device: torch.device, dist: DistContext, resume: bool, overwrite: bool) -> Path:
-    import graftkd.methods  # noqa: F401  registers the methods
-    from graftkd.methods.base import METHODS
 
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -254,7 +253,7 @@ def _finish(cfg: ExperimentConfig, device: torch.device, dist: DistContext, data
 
     method.eval()
     student = method.student()
-    arch = getattr(method, "student_arch", cfg.model.name)
+    arch = method.student_arch() or cfg.model.name
     save_model_file(run_dir / "model.pt", student, arch=arch, num_classes=data.num_classes, classes=data.classes,
                     mean=data.mean, std=data.std, image_size=data.image_size,
                     extra={"run": str(run_dir), "method": cfg.method.name, "best_epoch": result.best_epoch,

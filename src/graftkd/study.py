@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 from pydantic import Field, ValidationError
 
+import graftkd.methods  # noqa: F401  registers every method and its config section
 from graftkd.config import (ExperimentConfig, Strict, apply_override, config_to_yaml, deep_merge, parse_override,
                             validate_config)
 from graftkd.errors import UserError

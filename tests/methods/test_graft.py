@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from graftkd.config import FusionConfig, GraftMethod
+from graftkd.config import FusionConfig
 from graftkd.engine.trainer import build_optimizer
 from graftkd.errors import UserError
 from graftkd.methods.base import StepContext
-from graftkd.methods.graft import Graft, shot_scaling
+from graftkd.methods.graft import Graft, GraftMethod, shot_scaling
 from graftkd.models import MODELS, create_model
 from graftkd.models.staged import GraftedStudent
 from graftkd.teachers.ensemble import Teacher, TeacherEnsemble
@@ -60,7 +60,7 @@ def test_identical_student_makes_every_hybrid_equal_the_host():
         for phase in m.phases():
             m.start_phase(phase)
             assert torch.equal(m.eval_logits(x), ref), phase.name
-    assert m.student_arch == "resnet8" and type(m.student()) is type(m.net)
+    assert m.student_arch() == "resnet8" and type(m.student()) is type(m.net)
 
 
 def test_phases_units_lrs_and_nshot_rule():
@@ -189,7 +189,7 @@ def test_folded_student_equals_hybrid_chain(host, student, size, shared, arch, j
     m.start_phase(m.phases()[-1])
     m.eval()
     folded = m.student()
-    assert m.student_arch == arch and isinstance(folded, GraftedStudent) and m.junction_stages == junctions
+    assert m.student_arch() == arch and isinstance(folded, GraftedStudent) and m.junction_stages == junctions
     for slot, conv in folded.junctions.items():  # slots the host did not need stay the identity
         eye = torch.eye(conv.in_channels).view_as(conv.weight)
         assert (int(slot) not in junctions) == (torch.equal(conv.weight, eye) and not conv.bias.any()), slot

@@ -3,10 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graftkd.config import DKDMethod, DMLMethod, ExperimentConfig, KDMethod, ModelConfig, TeacherConfig
+from graftkd.config import ExperimentConfig, ModelConfig, TeacherConfig
 from graftkd.distributed import DistContext
 from graftkd.losses import dkd_loss
 from graftkd.methods.base import METHODS, StepContext
+from graftkd.methods.dkd import DKDMethod
+from graftkd.methods.dml import DMLMethod
+from graftkd.methods.kd import KDMethod
 from graftkd.models import create_model
 from tests.teachers.toydata import save_teacher, toy_bundle
 

@@ -84,6 +84,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 def run_data(args: argparse.Namespace) -> int:
     """Run ``graftkd data <action>``."""
+    import graftkd.methods  # noqa: F401  registers every method and its config section
     from graftkd.config import load_config
     from graftkd.data.build import build_data
 

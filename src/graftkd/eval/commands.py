@@ -36,6 +36,7 @@ def evaluate(target: Path, config: Path | None = None, overrides: list[str] | tu
              splits: tuple[str, ...] = ("test",), latency: bool = False, repeats: int = 20,
              out: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Score a run's student (or a model file) on ``splits``; update and return the metrics file."""
+    import graftkd.methods  # noqa: F401  registers every method and its config section
     from graftkd.config import load_config
     from graftkd.data import build_data
     from graftkd.eval.metrics import score_split

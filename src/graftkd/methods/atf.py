@@ -39,13 +39,15 @@ mode on their (every-step) updates and see the data's normalisation.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
-from graftkd.config import ATFMethod, ExperimentConfig
+from graftkd.config import (DivergenceConfig, ExperimentConfig, MethodConfig, check_one_length,
+                            steps_replace_epochs)
 from graftkd.data.loaders import predict_split
 from graftkd.errors import UserError
 from graftkd.losses import divergences
@@ -56,6 +58,63 @@ from graftkd.teachers import fusion
 from graftkd.teachers.ensemble import Teacher, load_teacher, stack_logits
 
 Predict = Callable[[Callable[[torch.Tensor], torch.Tensor]], dict[str, torch.Tensor]]
+
+
+class ATFMethod(MethodConfig):
+    """Adaptive Teacher Finetune (our definition, methods.md I.4) and the modes it is compared with.
+
+    Student: ``ce_weight*CE(s, y) + kd_weight*T^2*D(stopgrad(p_T) || p_S)``. Teacher k (own
+    optimiser): ``CE(z_k, y) + lam*T^2*D(stopgrad(p_S) || p_k) + mu*||theta_k - theta_k0||^2``.
+    ``mode`` says which teacher terms are on: ``atf`` all of them; ``offline`` none (teachers frozen:
+    plain KD with the same divergence); ``offline_joint`` CE + mu (lam is not used); ``online`` CE +
+    lam with peers of the teachers' architectures from random init, trained from step 0 at
+    ``peer_lr_ratio`` (DML-like; checkpoints, mu, warmup_epochs and teacher_bn are not used).
+    """
+
+    name: Literal["atf"] = "atf"
+    mode: Literal["atf", "offline", "offline_joint", "online"] = "atf"
+    temperature: float = Field(2.0, gt=0, description="T of every divergence term (logit-standardisation preset: 2)")
+    standardize: bool = Field(True, description="Z-score logits per sample before /T in every divergence term")
+    ce_weight: float = Field(0.1, ge=0, description="student CE weight (logit-standardisation preset: 0.1)")
+    kd_weight: float = Field(9.0, ge=0, description="student divergence weight (logit-standardisation preset: 9)")
+    divergence: DivergenceConfig = Field(DivergenceConfig(kind="alpha", alpha=0.5),
+                                         description="D for the student and the teacher terms")
+    lam: float = Field(1.0, ge=0, description="weight of the teacher's divergence to the student (atf, online)")
+    mu: float = Field(1e-3, ge=0, description="weight of ||theta_T - theta_T0||^2 over all teacher parameters "
+                                               "(atf, offline_joint)")
+    lr_ratio: float = Field(0.1, ge=0, description="teacher lr = ratio * student lr (atf, offline_joint)")
+    peer_lr_ratio: float = Field(1.0, ge=0, description="mode online: peer lr = ratio * student lr "
+                                                         "(DML trains peers like the student)")
+    teacher_every: int = Field(1, ge=1, description="a teacher step every N optimiser steps (not online)")
+    warmup_epochs: int = Field(1, ge=0, description="epochs of plain offline KD before the teachers adapt "
+                                                    "(atf, offline_joint)")
+    warmup_steps: int | None = Field(None, ge=1, description="the same warm-up in optimiser steps (then "
+                                                             "warmup_epochs must be 0; it is, unless given)")
+    teacher_bn: Literal["train", "eval"] = Field(
+        "eval", description="mode of a pretrained teacher on its update steps: eval = running BN statistics "
+                            "used and never changed, no dropout (the frozen-teacher forward); train = batch "
+                            "statistics, running statistics updated, dropout on. Peers (online) always train")
+    teacher_weight_decay: float = Field(0.0, ge=0, description="weight decay of the teacher optimisers (atf, "
+                                                               "offline_joint; the student's optimizer.weight_decay "
+                                                               "would pull the teacher towards 0, against the anchor)")
+    teacher_ce_weight: float = Field(1.0, ge=0, description="weight of the teacher's CE to the labels (atf, "
+                                                            "offline_joint); 0: the teacher learns from the "
+                                                            "student's predictions and the anchor only")
+    adapt: Literal["all", "last_stage", "head"] = Field(
+        "all", description="which teacher parameters adapt (atf, offline_joint): all, the last stage and the "
+                           "head, or the classifier head only (as DIST+'s acclimation)")
+    guard: float | None = Field(None, ge=0, description="stop a teacher's adaptation, and roll it back to its best "
+                                                        "validated state, once its validation accuracy falls more "
+                                                        "than this below its accuracy before training; checked at "
+                                                        "every validation (None: off)")
+
+    _steps = model_validator(mode="before")(classmethod(lambda cls, d: steps_replace_epochs(
+        d, "warmup_steps", "warmup_epochs", 0)))
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "ATFMethod":
+        check_one_length(self, "method", "warmup_steps", "warmup_epochs", 0)
+        return self
 
 
 @dataclass(frozen=True)
@@ -326,7 +385,7 @@ def online_peer(cfg_name: str, kwargs: dict[str, Any], num_classes: int, mean: S
     return Teacher(model, cfg_name, "random init (online peer)", tuple(mean), tuple(std), tuple(mean), tuple(std))
 
 
-@METHODS.register("atf")
+@METHODS.register("atf", config=ATFMethod)
 def build_atf(cfg: ExperimentConfig, data: Any, build_student: Callable[[], nn.Module], device: torch.device,
               **_: Any) -> ATF:
     """ATF (or one of its comparison modes) for ``cfg.method.mode``; measures the teachers on

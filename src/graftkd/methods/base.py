@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from graftkd.config import ExperimentConfig, OptimizerConfig, ScheduleConfig
+from graftkd.config import ExperimentConfig, MethodConfig, OptimizerConfig, ScheduleConfig, register_method_config
 from graftkd.registry import Registry
 
 
@@ -98,7 +98,14 @@ class Method(nn.Module):
         return self.student()(images)
 
     def student(self) -> nn.Module:
+        """The network exported as the run's ``model.pt``."""
         raise NotImplementedError
+
+    def student_arch(self) -> str | None:
+        """The ``create_model`` name that rebuilds ``student()`` from its state dict (recorded in
+        ``model.pt``); None: the config's ``model.name``. Grafting, whose folded student may be a
+        ``graft:<name>`` network, overrides it."""
+        return None
 
     def after_validation(self) -> dict[str, float]:
         """Called (in eval mode) after every validation of the student; returns extra values for
@@ -127,5 +134,33 @@ def single_phase(cfg: ExperimentConfig, params: Iterable[nn.Parameter], name: st
                   optimizers=[OptimSpec(params=[{"params": list(params)}], optimizer=cfg.optimizer, schedule=cfg.schedule)])]
 
 
-#: name -> factory(cfg: ExperimentConfig, data: DataBundle, run_dir, device) -> Method
-METHODS: Registry[Callable[..., Method]] = Registry("method")
+class MethodRegistry(Registry[Callable[..., Method]]):
+    """name -> factory. A method module registers its factory together with its config class::
+
+        @METHODS.register("kd", config=KDMethod)
+        def build_kd(cfg, data, *, build_student, run_dir, device, dist) -> Method: ...
+
+    The factory gets the validated ``ExperimentConfig`` (``cfg.method`` is a ``config``), the
+    ``DataBundle`` and, by keyword, ``build_student()`` (a fresh student network), the run folder,
+    the device and the ``DistContext``; it may ignore any of them (``**_``). ``config`` (a
+    ``graftkd.config.MethodConfig`` whose ``name`` defaults to the method's name) joins the
+    ``method:`` union of ``ExperimentConfig``."""
+
+    def register(self, name: str | None = None, *, config: type[MethodConfig] | None = None
+                 ) -> Callable[[Callable[..., Method]], Callable[..., Method]]:
+        if name is None or config is None:
+            raise TypeError("METHODS.register needs the method's name and config class")
+        if config.model_fields["name"].default != name:
+            raise ValueError(f"{config.__name__}.name defaults to {config.model_fields['name'].default!r}, "
+                             f"not the method's name {name!r}")
+        add = super().register(name)
+
+        def deco(factory: Callable[..., Method]) -> Callable[..., Method]:
+            add(factory)
+            register_method_config(config)
+            return factory
+
+        return deco
+
+
+METHODS = MethodRegistry("method")

@@ -8,17 +8,40 @@ logit form exactly).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
-from graftkd.config import DKDMethod, ExperimentConfig
+from graftkd.config import ExperimentConfig, MethodConfig, check_one_length, steps_replace_epochs
 from graftkd.losses.dkd import DKDLoss
 from graftkd.methods.base import METHODS, StepContext
 from graftkd.methods.kd import TeacherStudent, agreement
 from graftkd.teachers.targets import TeacherTargets, build_teacher_targets
+
+
+class DKDMethod(MethodConfig):
+    """ce_weight * CE + min(epoch / warmup, 1) * (alpha TCKD + beta NCKD), epoch from 1 (mdistiller defaults)."""
+
+    name: Literal["dkd"] = "dkd"
+    temperature: float = Field(4.0, gt=0, description="T of the teachers' and the student's softmax")
+    ce_weight: float = Field(1.0, ge=0, description="weight of CE to the labels")
+    alpha: float = Field(1.0, ge=0, description="weight of target-class KD (TCKD)")
+    beta: float = Field(8.0, ge=0, description="weight of non-target-class KD (NCKD); mdistiller uses 6 or 2 for some pairs")
+    warmup_epochs: int = Field(20, ge=0, description="linear ramp of the DKD term over this many epochs (0: none)")
+    warmup_steps: int | None = Field(None, ge=1, description="the ramp in optimiser steps instead (then "
+                                                             "warmup_epochs must be 0; it is, unless given)")
+    standardize: bool = Field(False, description="logit standardisation Z() of teacher and student logits before /T")
+
+    _steps = model_validator(mode="before")(classmethod(lambda cls, d: steps_replace_epochs(
+        d, "warmup_steps", "warmup_epochs", 0)))
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "DKDMethod":
+        check_one_length(self, "method", "warmup_steps", "warmup_epochs", 0)
+        return self
 
 
 class DKD(TeacherStudent):
@@ -40,7 +63,7 @@ class DKD(TeacherStudent):
                 "acc": (logits.argmax(1) == y).float().mean(), "agreement": agreement(logits, target)}
 
 
-@METHODS.register("dkd")
+@METHODS.register("dkd", config=DKDMethod)
 def build_dkd(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: Any, device: torch.device, dist: Any,
               **_: Any) -> DKD:
     assert isinstance(cfg.method, DKDMethod)

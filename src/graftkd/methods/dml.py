@@ -8,19 +8,32 @@ each peer's gradient comes from its own loss only. Peer 0 is ``model`` (the stud
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from graftkd.config import DMLMethod, ExperimentConfig
+from graftkd.config import ExperimentConfig, MethodConfig, ModelConfig
 from graftkd.errors import UserError
 from graftkd.losses import dml_loss, kd_loss_from_probs
 from graftkd.methods.base import METHODS, ExtraOutput, Method, Phase, StepContext, single_phase
 from graftkd.methods.kd import agreement
 from graftkd.models import count_params, create_model
 from graftkd.teachers.targets import Score, TeacherTargets, build_teacher_targets, teachers_report
+
+
+class DMLMethod(MethodConfig):
+    """Deep mutual learning: `model` (peer 0, the student) and `peers` trained together from scratch."""
+
+    name: Literal["dml"] = "dml"
+    peers: list[ModelConfig] = Field(default_factory=list, description="extra peers besides `model` (at least one); "
+                                                                       "each saved as peer<k>.pt")
+    temperature: float = Field(1.0, gt=0, description="T of the mutual KL terms (DML: 1)")
+    ce_weight: float = Field(1.0, ge=0, description="weight of each peer's CE to the labels")
+    kd_weight: float = Field(1.0, ge=0, description="weight of mean_j T^2 KL(p_j || p_self) over the other (detached) peers")
+    teacher_weight: float = Field(0.0, ge=0, description="weight of an extra KD term to the fused teachers' target")
 
 
 class DML(Method):
@@ -84,7 +97,7 @@ class DML(Method):
         return report
 
 
-@METHODS.register("dml")
+@METHODS.register("dml", config=DMLMethod)
 def build_dml(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: Any, device: torch.device, dist: Any,
               **_: Any) -> DML:
     m = cfg.method

@@ -23,13 +23,14 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from graftkd.config import ExperimentConfig, GraftMethod, GraftStageOptim, OptimizerConfig, ScheduleConfig
+from graftkd.config import ExperimentConfig, MethodConfig, OptimizerConfig, ScheduleConfig, Strict
 from graftkd.errors import UserError
 from graftkd.losses import kd_loss_from_probs, normalized_logit_mse
 from graftkd.methods.base import METHODS, Method, OptimSpec, Phase, StepContext
@@ -46,6 +47,66 @@ from graftkd.models.staged import (
 from graftkd.teachers.targets import Score, TeacherTargets, build_teacher_targets, teachers_report
 
 log = logging.getLogger(__name__)
+
+
+class GraftStageOptim(Strict):
+    """Adam of grafting stage 1, block-wise (NetGraft CIFAR-10 defaults: a fresh Adam per unit,
+    constant lr, the weights of the last epoch handed on)."""
+
+    epochs: list[Annotated[int, Field(ge=1)]] | None = Field(
+        [100, 60, 60], min_length=1, description="epochs per unit (stages, then the head); the last value repeats. "
+                                                 "Not with trainer.steps (method.stage1_share splits those instead)")
+    lr: list[Annotated[float, Field(gt=0)]] = Field(
+        [2.5e-4], min_length=1, description="Adam lr of the student modules per unit; the last value repeats")
+    bridge_lr: float = Field(2.5e-3, gt=0, description="Adam lr of the 1x1 bridges")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (PyTorch defaults, as NetGraft)")
+    scale_lr_with_shots: bool = Field(True, description="with method.scale_with_shots, multiply these lrs by N/10")
+    target: Literal["host", "fused", "label"] | None = Field(
+        None, description="the target of this stage's phases; None: method.target")
+
+
+class GraftStage2Optim(GraftStageOptim):
+    """Adam of grafting stage 2, progressive (NetGraft: lr 1e-4 for every parameter, not scaled with
+    N; the final step keeps its best-validation epoch)."""
+
+    epochs: list[Annotated[int, Field(ge=1)]] | None = Field(
+        [100, 100], min_length=1, description="epochs per progressive step (units 1..i, i = 2..n); the last repeats. "
+                                              "Not with trainer.steps")
+    lr: list[Annotated[float, Field(gt=0)]] = Field([1e-4], min_length=1, description="Adam lr per step; the last repeats")
+    bridge_lr: float = Field(1e-4, gt=0, description="Adam lr of the 1x1 bridges")
+    scale_lr_with_shots: bool = Field(False, description="with method.scale_with_shots, multiply these lrs by N/10")
+
+
+class GraftMethod(MethodConfig):
+    """Dual-stage progressive network grafting (methods.md I.3): student units grafted into a frozen
+    host teacher one by one (stage 1), then progressively chained (stage 2), then bridges folded."""
+
+    name: Literal["graft"] = "graft"
+    target: Literal["host", "fused", "label"] = Field(
+        "fused", description="host: NetGraft normalised-logit MSE to the host's logits; fused: T^2 KL to the "
+                             "fused multi-teacher target (`fusion`); label: cross-entropy (ablation)")
+    host: int | None = Field(None, ge=0, description="index into `teachers` of the host; None: best on validation")
+    temperature: float = Field(4.0, gt=0, description="temperature of the fused target (target=fused)")
+    fused_loss: Literal["nlmse", "kl"] = Field(
+        "kl", description="how the fused target is matched: nlmse: NetGraft's normalised-logit MSE to the fused "
+                          "logits (`fused_logits`); kl: T^2 KL to the fused probabilities")
+    fused_logits: Literal["normalized_mean", "mean", "log_probs"] = Field(
+        "normalized_mean", description="fused logit vector for fused_loss=nlmse: normalized_mean: sum_k w_k z_k/||z_k||; "
+                                       "mean: sum_k w_k z_k; log_probs: T log of the fused probabilities, centred")
+    kd_weight: float = Field(0.0, ge=0, description="weight of an extra T^2 KL term to the fused probabilities")
+    ce_weight: float = Field(0.0, ge=0, description="weight of an extra CE term to the labels (host/fused)")
+    shared_stages: int = Field(0, ge=0, description="leading host stages kept with the stem: copied into the "
+                                                    "student, never grafted (NetGraft VGG16: 3)")
+    init_from_teacher: bool = Field(True, description="initialise grafted student tensors from the host's "
+                                                      "where name and shape match")
+    scale_with_shots: bool = Field(True, description="NetGraft rule with data.shots = N: batch = "
+                                                     "int(data.batch_size * N/10), lrs x N/10 (see scale_lr_with_shots)")
+    stage1_share: float = Field(0.5, gt=0, lt=1, description="with trainer.steps: the share of the run's optimiser "
+                                                             "steps given to stage 1, split evenly over its phases; "
+                                                             "stage 2 splits the rest evenly")
+    stage1: GraftStageOptim = Field(GraftStageOptim(), description="block-wise grafting, one phase per unit")
+    stage2: GraftStage2Optim = Field(GraftStage2Optim(), description="progressive grafting, units 1..i together")
 
 
 @dataclass(frozen=True)
@@ -141,10 +202,10 @@ class Graft(Method):
         self.junction_stages = [k + u for u in range(self.n_units - 1) if str(u) in self.s2t
                                 and not (u + 1 == self.n_units - 1 and self.S.head_linear is not None)]
         base = student_name.removeprefix("timm:")
-        self.student_arch = GRAFT_PREFIX + base if self.junction_stages else student_name
-        if self.junction_stages and self.student_arch not in MODELS:
+        self.exported_arch = GRAFT_PREFIX + base if self.junction_stages else student_name
+        if self.junction_stages and self.exported_arch not in MODELS:
             raise UserError(f"student '{student_name}' would need 1x1 junctions after stages {self.junction_stages} "
-                            f"(its widths differ from the host's) and cannot be exported as '{self.student_arch}'; "
+                            f"(its widths differ from the host's) and cannot be exported as '{self.exported_arch}'; "
                             f"graftable students with junctions: our CIFAR family and "
                             f"{', '.join(n.removeprefix(GRAFT_PREFIX) for n in MODELS.names(GRAFT_PREFIX + 'resnet[0-9]*'))}")
         targets.requires_grad_(False)
@@ -354,6 +415,10 @@ class Graft(Method):
     def student(self) -> nn.Module:
         return self.fold()
 
+    def student_arch(self) -> str:
+        """``graft:<student>`` when the folded student keeps 1x1 junctions, else the student's name."""
+        return self.exported_arch
+
     def _hybrid_modules(self) -> Iterator[nn.Module]:
         yield from (m for _, m in self._stem_region(self.H))
         for u in range(self.n_units):
@@ -372,7 +437,7 @@ class Graft(Method):
             "bridges": {f"{kind}_{self.unit_name(int(u))}": [c.in_channels, c.out_channels]
                         for kind, d in (("t2s", self.t2s), ("s2t", self.s2t)) for u, c in d.items()},
             "junctions_after": [self.S.stage_names[j] for j in self.junction_stages],
-            "exported_arch": self.student_arch, "tensors_copied_from_host": self.copied,
+            "exported_arch": self.exported_arch, "tensors_copied_from_host": self.copied,
             "shot_factor": self.factor, "batch_size": self.batch_size, "params": self.param_counts(),
         }
 
@@ -399,7 +464,7 @@ def first_graftable(order: list[int], build: Any, names: list[str]) -> Graft:
     raise UserError("no teacher can be the graft host:\n  " + "\n  ".join(refusals))
 
 
-@METHODS.register("graft")
+@METHODS.register("graft", config=GraftMethod)
 def build_graft(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: Any, device: torch.device,
                 dist: Any, **_: Any) -> Graft:
     opts = cfg.method

@@ -8,17 +8,31 @@ from the soft-target cache (``teacher_cache.enabled``).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from graftkd.config import ExperimentConfig, KDMethod
+from graftkd.config import DivergenceConfig, ExperimentConfig, MethodConfig
 from graftkd.losses.divergences import divergence, divergence_spec
 from graftkd.methods.base import METHODS, Method, Phase, StepContext, single_phase
 from graftkd.models import count_params
 from graftkd.teachers.targets import Score, TeacherTargets, build_teacher_targets, teachers_report
+
+
+class KDMethod(MethodConfig):
+    """ce_weight * CE + kd_weight * T^2 D(target || softmax(s/T)); target = one teacher's softmax or the
+    fused multi-teacher distribution (mdistiller defaults)."""
+
+    name: Literal["kd"] = "kd"
+    temperature: float = Field(4.0, gt=0, description="T of the teachers' and the student's softmax")
+    ce_weight: float = Field(0.1, ge=0, description="weight of CE to the labels")
+    kd_weight: float = Field(0.9, ge=0, description="weight of the T^2-scaled divergence to the target")
+    standardize: bool = Field(False, description="logit standardisation Z() of teacher and student logits before /T")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the CE term")
+    divergence: DivergenceConfig = Field(DivergenceConfig(), description="kl | alpha | alpha_beta")
 
 
 def agreement(student_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -68,7 +82,7 @@ class KD(TeacherStudent):
                 "acc": (logits.argmax(1) == batch["label"]).float().mean(), "agreement": agreement(logits, target)}
 
 
-@METHODS.register("kd")
+@METHODS.register("kd", config=KDMethod)
 def build_kd(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: Any, device: torch.device, dist: Any,
              **_: Any) -> KD:
     assert isinstance(cfg.method, KDMethod)

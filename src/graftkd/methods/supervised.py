@@ -1,14 +1,20 @@
 """Supervised training: the degenerate method (one phase, one cross-entropy term)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from graftkd.config import ExperimentConfig, SupervisedMethod
+from graftkd.config import ExperimentConfig, MethodConfig
 from graftkd.methods.base import METHODS, Method, Phase, StepContext, single_phase
+
+
+class SupervisedMethod(MethodConfig):
+    name: Literal["supervised"] = "supervised"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
 class Supervised(Method):
@@ -31,6 +37,6 @@ class Supervised(Method):
         return self.model
 
 
-@METHODS.register("supervised")
+@METHODS.register("supervised", config=SupervisedMethod)
 def build_supervised(cfg: ExperimentConfig, data, build_student, **_: Any) -> Supervised:
     return Supervised(cfg, build_student())
