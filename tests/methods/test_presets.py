@@ -42,3 +42,17 @@ def test_cifar100_presets_reproduce_mdistiller(pair, teacher, student, beta):
     assert m.temperature == (3.0 if teacher == "vgg13" else 2.0)  # LS README logs vgg13->vgg8 KD with T = 3
     m = dkd_ls.method
     assert (m.temperature, m.ce_weight, m.alpha, m.beta, m.standardize) == (2.0, 1.0, 9.0, 9 * beta, True)
+
+
+def test_few_shot_atf_presets_share_the_few_shot_defaults():
+    """configs/digits/atf.yaml and configs/synthetic/atf.yaml carry the same ATF method section, whose
+    student loss is the `kd` method's (mode=offline minimises the same loss) and only the teacher's head adapts."""
+    from graftkd.config import KDMethod
+
+    digits, synthetic = load_config(CONFIGS / "digits/atf.yaml"), load_config(CONFIGS / "synthetic/atf.yaml")
+    assert digits.method == synthetic.method
+    m, kd = digits.method, KDMethod()
+    assert (m.temperature, m.ce_weight, m.kd_weight, m.standardize, m.divergence) == \
+           (kd.temperature, kd.ce_weight, kd.kd_weight, kd.standardize, kd.divergence)
+    assert (m.mode, m.adapt, m.lam, m.teacher_weight_decay, m.teacher_ce_weight) == ("atf", "head", 0.1, 0.0, 1.0)
+    assert (digits.data.shots, digits.trainer.steps) == (5, 300)
