@@ -124,6 +124,11 @@ def _noise_png(root: Path) -> Path:
     return p
 
 
+def _keep_two_malignant(root: Path) -> None:
+    for p in sorted((root / "malignant").iterdir())[2:]:
+        p.unlink()
+
+
 def _empty_class(root: Path) -> Path:
     (root / "unused").mkdir()
     return root / "unused"
@@ -239,9 +244,9 @@ CASES: dict[str, Case] = {
         culprits=lambda m: [str(m), "'holdout'"]),
     "official split without Folds.csv": simple("data.split.kind=official", culprits=["split.folds_csv"]),
     "split file not found": simple("data.split.file=/nonexistent/splits.csv", culprits=["/nonexistent/splits.csv"]),
-    "split leaving a class without val/test images": simple("data.split.train=0.9", "data.split.val=0.05",
-                                                       "data.split.test=0.05", culprits=["images of class 'benign'",
-                                                                                         "on_empty_class"]),
+    "split leaving a class without test images": Case(lambda c: (
+        run_args(c, root=c.bad_tree("two_malignant", _keep_two_malignant)[0]),
+        ["no test images of class 'malignant'", "on_empty_class"])),
     # ----------------------------------------------------------------------------- teachers
     "teacher file not found": Case(lambda c: (run_args(c, "method.name=kd", f"teachers=[{{checkpoint: "
                                                        f"{c.root / 'nope.pt'}}}]", command="distill"),

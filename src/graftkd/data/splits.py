@@ -59,13 +59,22 @@ def deal(n: int, fractions: Sequence[float]) -> list[int]:
 def split_fraction(groups: Sequence[str], strata: dict[str, tuple[int, str]], fractions: Sequence[float],
                    names: Sequence[str], seed: int) -> dict[str, str]:
     """Stratified, seeded group split by fractions -> {group: name}. Each class is dealt on its own
-    (its subtypes in a seeded order), so every class gets its share of every part, not just the total."""
+    (its subtypes in a seeded order), so every class gets its share of every part, not just the total;
+    a class with at least as many groups as parts gets at least one group in each (taken from the
+    largest part), so 3 patients give 1/1/1 rather than none in test."""
     rng = np.random.default_rng(seed)
     out: dict[str, str] = {}
+    wanted = [j for j, f in enumerate(fractions) if f > 0]
     for label in sorted({strata[g][0] for g in groups}):
         members = [g for g in groups if strata[g][0] == label]
         ordered = [g for block in _shuffled_strata(members, strata, rng) for g in block]
-        out.update({g: names[j] for g, j in zip(ordered, deal(len(ordered), fractions))})
+        parts = deal(len(ordered), fractions)
+        if len(ordered) >= len(wanted):  # every part gets one group of the class if it can (3 groups: 1/1/1)
+            for j in wanted:
+                if j not in parts:
+                    donor = max(wanted, key=lambda k: (parts.count(k), -k))
+                    parts[len(parts) - 1 - parts[::-1].index(donor)] = j
+        out.update({g: names[j] for g, j in zip(ordered, parts)})
     return out
 
 
