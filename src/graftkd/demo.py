@@ -22,20 +22,14 @@ from graftkd.errors import UserError
 
 def load_demo_spec(quick: bool) -> dict[str, Any]:
     spec = yaml.safe_load(resources.files("graftkd").joinpath("configs/demo.yaml").read_text())
+    q = spec.pop("quick")
     if quick:
-        q = spec.pop("quick")
         spec["base"] = deep_merge(spec["base"], q["base"])
-        spec["student_shots"] = q["student_shots"]
-        for stage in spec["students"].values():
-            stage.setdefault("trainer", {})["epochs"] = q["epochs"]
-            stage["trainer"]["eval_every"] = 1
-            if stage["method"]["name"] == "graft":
-                stage["method"]["stage1"] = {"epochs": [1]}
-                stage["method"]["stage2"] = {"epochs": [1]}
-            if stage["method"]["name"] == "atf":
-                stage["method"]["warmup_epochs"] = 1
-    else:
-        spec.pop("quick")
+        spec["student_shots"], spec["student_steps"] = q["student_shots"], q["student_steps"]
+    for stage in spec["students"].values():  # one optimiser-step budget for every student
+        trainer = stage.setdefault("trainer", {})
+        trainer.update(steps=spec["student_steps"], epochs=None,
+                       eval_every_steps=max(1, spec["student_steps"] // 8))
     return spec
 
 
@@ -161,12 +155,18 @@ def run_demo(quick: bool = False, data_root: str | None = None, out: str | Path 
         write_report([run])
     table = format_table(rows, mt["latency"]["ensemble"]["ms_b64"])
     atomic_write_text(out / "summary.md", table + "\n")
-    atomic_write_json(out / "summary.json", {"rows": rows, "best_student": best, "export": {k: str(v) for k, v in written.items()},
+    ranking = sorted(students, key=lambda n: -metrics[n]["test"]["accuracy"])
+    atomic_write_json(out / "summary.json", {"rows": rows, "best_student": best, "ranking_by_test": ranking,
+                                             "student_steps": spec["student_steps"],
+                                             "export": {k: str(v) for k, v in written.items()},
                                              "seconds": round(time.perf_counter() - t_all, 1), "quick": quick,
                                              "command": "graftkd demo" + (" --quick" if quick else "")})
     print()
     print(table)
     print()
+    print(f"[demo] students by test accuracy ({spec['student_shots']} labelled images per class, "
+          f"{spec['student_steps']} optimiser steps each): "
+          + " > ".join(f"{n} {metrics[n]['test']['accuracy']:.3f}" for n in ranking))
     print(f"[demo] best student on validation: {best}; exported to {written['onnx']} (+ safetensors, model card)")
     print(f"[demo] comparison report: {report}")
     print(f"[demo] run folder: {out}  ({time.perf_counter() - t_all:.0f} s)")
