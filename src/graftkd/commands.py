@@ -21,7 +21,8 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run folder from checkpoints/last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder; the old one is kept (as .<name>.replaced) until "
+                                                         "the new run has written its first checkpoint")
     p.add_argument("--nproc", type=int, default=1, help="launch this many processes with torchrun (DDP)")
 
 
