@@ -148,6 +148,13 @@ def csv_case(name: str, text: str, *extra: str, culprits: Callable[[Path], list[
     return Case(build)
 
 
+def _latin1(c: Ctx) -> Path:
+    p = c.root / "manifests" / "latin1.csv"
+    p.parent.mkdir(exist_ok=True)
+    p.write_bytes(f"path,label\n{c.tree}/benign/0.png,b\xe9nign\n".encode("latin-1"))
+    return p
+
+
 GOOD_ROWS = "".join(f"{{tree}}/{cls}/{i}.png,{cls}\n" for cls in ("benign", "malignant") for i in range(8))
 
 
@@ -242,6 +249,11 @@ CASES: dict[str, Case] = {
         "badsplit.csv", "path,label,split\n" + GOOD_ROWS.replace(",benign\n", ",benign,holdout\n")
         .replace(",malignant\n", ",malignant,train\n"), "data.split.kind=predefined",
         culprits=lambda m: [str(m), "'holdout'"]),
+    "data root that is a file": Case(lambda c: (run_args(c, root=c.tree / "benign" / "0.png"),
+                                                [str(c.tree / "benign" / "0.png"), "not a folder"])),
+    "CSV manifest that is not UTF-8": Case(lambda c: (run_args(c, root=_latin1(c), source="csv"),
+                                                      [str(_latin1(c)), "UTF-8"])),
+    "more folds than patients": simple("data.split.kind=kfold", "data.split.k=40", culprits=["split.k=40", "16"]),
     "official split without Folds.csv": simple("data.split.kind=official", culprits=["split.folds_csv"]),
     "split file not found": simple("data.split.file=/nonexistent/splits.csv", culprits=["/nonexistent/splits.csv"]),
     "split leaving a class without test images": Case(lambda c: (
