@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         fewshot.train_teachers(args.histology_root)
         studies["histology"] = compare(Path("benchmarks/studies/atf_histology.yaml"),
                                        fewshot.histology_overrides(args.histology_root), args.jobs, None, command)
-    atomic_write_json(args.out, {"revision": code_revision(), "command": command, "studies": studies})
+    atomic_write_json(args.out, {"revision": code_revision()["commit"], "command": command, "studies": studies})
     return 0
 
 

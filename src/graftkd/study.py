@@ -130,9 +130,11 @@ def build_jobs(study: StudyConfig) -> list[Job]:
     return jobs
 
 
-def code_revision() -> str:
-    """``git rev-parse HEAD`` of the checkout graftkd is imported from, with ``+dirty.<hash>`` when
-    its package source differs from HEAD; the package version outside a git checkout."""
+def code_revision() -> dict[str, str]:
+    """``commit``: ``git rev-parse HEAD`` of the checkout graftkd is imported from; ``code``: the git
+    tree of the package source at HEAD (what reuse keys on: commits that change only benchmarks,
+    configs, docs or tests leave it unchanged). Both get ``+dirty.<hash>`` when the package source
+    differs from HEAD; outside a git checkout both are the package version."""
     pkg = Path(__file__).resolve().parent
 
     def git(*args: str) -> str:
@@ -140,22 +142,25 @@ def code_revision() -> str:
 
     try:
         head = git("rev-parse", "HEAD").strip()
+        tree = git("rev-parse", f"HEAD:{git('rev-parse', '--show-prefix').strip()}").strip()
         status = git("status", "--porcelain", "--untracked-files=all", "--", ".")
     except (OSError, subprocess.CalledProcessError):
         from importlib.metadata import PackageNotFoundError, version
 
         try:
-            return f"graftkd-{version('graftkd')}"
+            v = f"graftkd-{version('graftkd')}"
         except PackageNotFoundError:
-            return "unknown"
+            v = "unknown"
+        return {"commit": v, "code": v}
     if not status.strip():
-        return head
+        return {"commit": head, "code": tree}
     h = hashlib.sha256(git("diff", "HEAD", "--", ".").encode())
     for line in sorted(status.splitlines()):
         if line.startswith("??"):
             f = Path(git("rev-parse", "--show-toplevel").strip()) / line[3:]
             h.update(f.read_bytes() if f.is_file() else b"")
-    return f"{head}+dirty.{h.hexdigest()[:12]}"
+    dirty = f"+dirty.{h.hexdigest()[:12]}"
+    return {"commit": head + dirty, "code": tree + dirty}
 
 
 def _file_sha(path: Path) -> str:
@@ -168,11 +173,11 @@ def _file_sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg: ExperimentConfig, revision: str, shas: dict[str, str]) -> str:
-    """What a finished run must match to be reused: resolved config, teacher files, code revision."""
+def fingerprint(cfg: ExperimentConfig, code: str, shas: dict[str, str]) -> str:
+    """What a finished run must match to be reused: resolved config, teacher files, package source."""
     teachers = [shas.setdefault(str(t.checkpoint), _file_sha(t.checkpoint)) if t.checkpoint else t.name
                 for t in cfg.teachers]
-    return hashlib.sha256("\n".join([config_to_yaml(cfg), *teachers, revision]).encode()).hexdigest()
+    return hashlib.sha256("\n".join([config_to_yaml(cfg), *teachers, code]).encode()).hexdigest()
 
 
 def finished(job: Job, fp: str) -> bool:
@@ -201,13 +206,13 @@ def _run_job(job: Job, jobs: int, log_dir: Path) -> None:
         raise UserError(f"run {job.cfg.name} failed (exit {rc}); see {log_dir / f'{job.cfg.name}.log'}")
 
 
-def run_jobs(jobs: list[Job], revision: str, parallel: int, log_dir: Path) -> tuple[dict[str, bool], dict[str, str]]:
+def run_jobs(jobs: list[Job], revision: dict[str, str], parallel: int, log_dir: Path) -> tuple[dict[str, bool], dict[str, str]]:
     """Run what is not finished (``parallel`` at once); returns run name -> reused, and run name ->
     error for runs that stopped with a user error (a diverged loss, say): the others go on."""
     from graftkd.files import atomic_write_json
 
     shas: dict[str, str] = {}
-    prints = {j.cfg.name: fingerprint(j.cfg, revision, shas) for j in jobs}
+    prints = {j.cfg.name: fingerprint(j.cfg, revision["code"], shas) for j in jobs}
     reused = {j.cfg.name: finished(j, prints[j.cfg.name]) for j in jobs}
     todo = [j for j in jobs if not reused[j.cfg.name]]
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +229,7 @@ def run_jobs(jobs: list[Job], revision: str, parallel: int, log_dir: Path) -> tu
             failed[job.cfg.name] = str(e)
             print(f"[compare {time.perf_counter() - t0:6.0f}s] {job.cfg.name}: FAILED: {e}", flush=True)
             return
-        atomic_write_json(job.run_dir / "study.json", {"fingerprint": prints[job.cfg.name], "revision": revision})
+        atomic_write_json(job.run_dir / "study.json", {"fingerprint": prints[job.cfg.name], **revision})
         m = json.loads((job.run_dir / "metrics.json").read_text())
         print(f"[compare {time.perf_counter() - t0:6.0f}s] {job.cfg.name}: val {m['val']['accuracy']:.4f} "
               f"test {m['test']['accuracy']:.4f}, {m.get('steps')} steps, {time.perf_counter() - t:.0f} s", flush=True)
@@ -437,7 +442,7 @@ def compare(study_path: Path, overrides: list[str] | tuple[str, ...] = (), jobs:
     if dry_run:
         shas: dict[str, str] = {}
         for j in all_jobs:
-            state = "reuse" if finished(j, fingerprint(j.cfg, revision, shas)) else "run"
+            state = "reuse" if finished(j, fingerprint(j.cfg, revision["code"], shas)) else "run"
             print(f"{state:5} {j.run_dir}")
         return {}
     t0 = time.perf_counter()
@@ -448,7 +453,8 @@ def compare(study_path: Path, overrides: list[str] | tuple[str, ...] = (), jobs:
              f"{study.steps} optimiser steps per run; Δ = paired difference to {study.baseline or next(iter(study.methods))}"
              f" (bootstrap 95% CI over seeds and test {'patients' if any('test_patients' in r for r in rows) else 'images'}). "
              f"Command: `{command}`")
-    out = {"study": study.name, "revision": revision, "command": command, "steps": study.steps,
+    out = {"study": study.name, "revision": revision["commit"], "code": revision["code"], "command": command,
+           "steps": study.steps,
            "baseline": study.baseline or next(iter(study.methods)), "seeds": study.seeds, "shots": study.shots,
            "rows": rows, "differences": diffs, "runs_reused": sum(reused.values()), "runs": len(all_jobs),
            "failures": [{"run": j.cfg.name, "method": j.method, "shots": j.shots, "seed": j.seed,
