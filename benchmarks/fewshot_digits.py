@@ -47,11 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at once (1 thread each)")
     p.add_argument("--study", type=Path, default=STUDY.relative_to(ROOT))
     p.add_argument("--results", type=Path, default=RESULTS / "fewshot_digits.json")
+    p.add_argument("--methods", nargs="+", help="only these methods of the study (the same runs)")
     p.add_argument("overrides", nargs="*", help="overrides of the study (e.g. seeds=[0,1])")
     args = p.parse_args(argv)
     prepare_all(args.root)
     command = shlex.join(["python", "benchmarks/fewshot_digits.py", *(sys.argv[1:] if argv is None else argv)])
-    compare(args.study, digits_overrides(args.root) + args.overrides, args.jobs, args.results, command)
+    compare(args.study, digits_overrides(args.root) + args.overrides, args.jobs, args.results, command,
+            methods=args.methods)
     return 0
 
 

@@ -64,6 +64,9 @@ def test_compare_runs_every_method_and_seed_on_one_budget_and_reuses_finished_ru
     # the same study again reuses all four runs; a changed resolved config (here lr) runs them again
     assert main(["compare", str(study), f"data.root={tmp_path / 'data'}"]) == 0
     assert json.loads((tmp_path / "study" / "compare.json").read_text())["runs_reused"] == 4
+    assert main(["compare", str(study), f"data.root={tmp_path / 'data'}", "--methods", "kd"]) == 0
+    sub = json.loads((tmp_path / "study" / "compare.json").read_text())
+    assert sub["runs_reused"] == 2 and {r["method"] for r in sub["rows"]} == {"kd", "teacher_resnet8"}
     capsys.readouterr()
     assert main(["compare", str(study), f"data.root={tmp_path / 'data'}", "common.optimizer.lr=0.01", "--dry-run"]) == 0
     assert capsys.readouterr().out.count("run   ") == 4

@@ -102,14 +102,16 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs at once (each in its own process when > 1)")
     p.add_argument("--results", type=Path, help="also write the JSON here")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each would be reused")
+    p.add_argument("--methods", nargs="+", metavar="NAME", help="only these methods of the study (same runs)")
 
 
 def run_compare(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise UserError("--jobs must be >= 1")
     extra = ([f"--jobs {args.jobs}"] if args.jobs != 1 else []) + ([f"--results {args.results}"] if args.results else [])
+    extra += ["--methods " + " ".join(args.methods)] if args.methods else []
     command = " ".join(["graftkd compare", shlex.join([str(args.study), *args.overrides]), *extra])
     from graftkd.study import compare
 
-    compare(args.study, args.overrides, args.jobs, args.results, command, args.dry_run)
+    compare(args.study, args.overrides, args.jobs, args.results, command, args.dry_run, args.methods)
     return 0

@@ -431,11 +431,20 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 
 def compare(study_path: Path, overrides: list[str] | tuple[str, ...] = (), jobs: int = 1,
-            results: Path | None = None, command: str | None = None, dry_run: bool = False) -> dict[str, Any]:
-    """Run (or reuse) every run of the study and write compare.json, compare.md and compare.png."""
+            results: Path | None = None, command: str | None = None, dry_run: bool = False,
+            methods: list[str] | None = None) -> dict[str, Any]:
+    """Run (or reuse) every run of the study and write compare.json, compare.md and compare.png.
+    ``methods`` restricts the study to those methods (their runs are the same as in the full study)."""
     from graftkd.files import atomic_write_json, atomic_write_text
 
     study = load_study(study_path, overrides)
+    if methods:
+        unknown = [m for m in methods if m not in study.methods]
+        if unknown:
+            raise UserError(f"--methods {' '.join(unknown)}: not in the study ({', '.join(study.methods)})")
+        baseline = study.baseline or next(iter(study.methods))
+        study = study.model_copy(update={"methods": {m: f for m, f in study.methods.items() if m in methods},
+                                         "baseline": baseline if baseline in methods else None})
     all_jobs = build_jobs(study)
     revision = code_revision()
     folder = study.folder
