@@ -47,7 +47,7 @@ def test_cifar100_presets_reproduce_mdistiller(pair, teacher, student, beta):
 def test_few_shot_atf_presets_share_the_few_shot_defaults():
     """configs/digits/atf.yaml and configs/synthetic/atf.yaml carry the same ATF method section, whose
     student loss is the `kd` method's (mode=offline minimises the same loss) and only the teacher's head adapts."""
-    from graftkd.config import KDMethod
+    from graftkd.methods.kd import KDMethod
 
     digits, synthetic = load_config(CONFIGS / "digits/atf.yaml"), load_config(CONFIGS / "synthetic/atf.yaml")
     assert digits.method == synthetic.method
@@ -56,3 +56,16 @@ def test_few_shot_atf_presets_share_the_few_shot_defaults():
            (kd.temperature, kd.ce_weight, kd.kd_weight, kd.standardize, kd.divergence)
     assert (m.mode, m.adapt, m.lam, m.teacher_weight_decay, m.teacher_ce_weight) == ("atf", "head", 0.1, 0.0, 1.0)
     assert (digits.data.shots, digits.trainer.steps) == (5, 300)
+
+
+def test_benchmark_studies_run_atf_with_the_few_shot_preset():
+    from graftkd.methods.atf import ATFMethod
+    from graftkd.study import load_study
+
+    preset = load_config(CONFIGS / "digits/atf.yaml").method
+    studies = sorted((CONFIGS.parent / "benchmarks" / "studies").glob("*.yaml"))
+    fragments = [f["method"] for s in studies for f in load_study(s).methods.values()
+                 if f.get("method", {}).get("name") == "atf"]
+    assert len(fragments) >= 6
+    for f in fragments:
+        assert ATFMethod(**f) == preset.model_copy(update={"mode": f["mode"]})
