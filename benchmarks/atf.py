@@ -4,8 +4,10 @@
 
 Prepares both data sets and their teachers exactly as ``fewshot_digits.py`` and ``fewshot.py`` do,
 then runs ``benchmarks/studies/atf_digits.yaml`` and ``atf_histology.yaml`` through ``graftkd
-compare`` (modes atf, offline, offline_joint, online of ``method: atf``; 5 shots per class, 5 seeds,
-one optimiser-step budget; Δ against offline) and writes ``benchmarks/results/atf.json``:
+compare`` (ATF's few-shot preset in modes atf, offline_joint and online, and offline KD = the ``kd``
+method with the same frozen teacher and student loss; 5 shots per class on digits, 10 on the binary
+histology; 5 seeds; one optimiser-step budget; Δ against kd). The studies share the few-shot studies'
+folders, so their atf and kd runs are those of the few-shot studies. Writes ``benchmarks/results/atf.json``:
 ``{"revision", "command", "studies": {"digits": <compare JSON>, "histology": <compare JSON>}}``.
 """
 from __future__ import annotations

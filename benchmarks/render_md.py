@@ -172,8 +172,10 @@ def section_atf(d: Any) -> str:
         return "\n".join(["## Adaptive Teacher Finetune (older layout)", "",
                           table(["method", "test accuracy"], [[r["method"], pct(r["mean"], r["sd"])] for r in d])])
     parts = ["## Adaptive Teacher Finetune against offline, offline-joint and online (issue 12)", "",
-             f"Command: `{d['command']}` (code revision `{d['revision'][:12]}`). One study per data set; every "
-             f"variant is `method.name: atf` with its `mode`, the same student and the same step budget.", ""]
+             f"Command: `{d['command']}` (code revision `{d['revision'][:12]}`). One study per data set, sharing the "
+             f"few-shot study's runs: `atf`, `offline_joint` and `online` are ATF's few-shot preset in those modes; "
+             f"`kd` is offline KD (the same frozen teacher and student loss, ATF's `offline` mode); same student, "
+             f"same step budget.", ""]
     for name, study in d["studies"].items():
         parts += [f"### {name}", "", study_caption(study), "", study_table(study), ""]
     return "\n".join(parts)
