@@ -370,8 +370,7 @@ def validate_config(raw: dict, source: str = "config",
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
         methods = {n: METHOD_CONFIGS.get(n) for n in METHOD_CONFIGS}
-        raise UserError(format_validation_error(e, raw, source, ExperimentConfig, methods, "supervised",
-                                                overrides)) from None
+        raise UserError(format_validation_error(e, raw, source, ExperimentConfig, methods, overrides)) from None
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

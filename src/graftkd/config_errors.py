@@ -19,7 +19,7 @@ Overrides = tuple[tuple[list[str], str], ...]
 
 
 def format_validation_error(err: ValidationError, raw: dict, source: str, root: type[BaseModel], tags: Tags,
-                            default_tag: str, overrides: Overrides = ()) -> str:
+                            overrides: Overrides = ()) -> str:
     """One line per problem of validating ``raw`` as ``root``, each headed by where the bad key or
     value came from (``source``, the file, or the command-line override (parts, text) that set it);
     problems from one origin share the heading."""
@@ -29,7 +29,7 @@ def format_validation_error(err: ValidationError, raw: dict, source: str, root: 
         key = ".".join(str(p) for p in loc)
         origin = _origin(loc, overrides, source)
         if e["type"] == "extra_forbidden":
-            owner = _model_at(tuple(loc[:-1]), raw, root, tags, default_tag)
+            owner = _model_at(tuple(loc[:-1]), raw, root, tags)
             hint = ""
             if owner is not None:
                 close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1, cutoff=0.5)
@@ -62,7 +62,7 @@ def _origin(loc: list, overrides: Overrides, source: str) -> str:
     return source
 
 
-def _model_at(loc: tuple, raw: Any, root: type[BaseModel], tags: Tags, default_tag: str) -> type[BaseModel] | None:
+def _model_at(loc: tuple, raw: Any, root: type[BaseModel], tags: Tags) -> type[BaseModel] | None:
     """The pydantic model class that owns the field at ``loc`` (``raw`` picks union members)."""
     cls: Any = root
     node = raw
@@ -76,24 +76,24 @@ def _model_at(loc: tuple, raw: Any, root: type[BaseModel], tags: Tags, default_t
         if part not in fields:
             return cls
         node = node.get(part) if isinstance(node, dict) else None
-        cls = _resolve(fields[part].annotation, node, tags, default_tag)
+        cls = _resolve(fields[part].annotation, node, tags)
     return cls
 
 
-def _resolve(ann: Any, node: Any, tags: Tags, default_tag: str) -> Any:
+def _resolve(ann: Any, node: Any, tags: Tags) -> Any:
     """The model class an annotation stands for at ``node`` (a union member by its tag, a list's item)."""
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return ann
     args = getattr(ann, "__args__", ()) or ()
     if getattr(ann, "__metadata__", None) is not None:  # Annotated[...]
-        return _resolve(args[0], node, tags, default_tag)
+        return _resolve(args[0], node, tags)
     models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
     if len(models) > 1 and isinstance(node, dict):
-        return tags.get(str(node.get("name", default_tag)))
+        return tags.get(str(node.get("name")))  # a union member by its tag (pydantic checked it is there)
     if models:
         return models[0]
     for a in args:  # list[Model]
-        r = _resolve(a, node[0] if isinstance(node, list) and node else None, tags, default_tag)
+        r = _resolve(a, node[0] if isinstance(node, list) and node else None, tags)
         if r is not None:
             return r
     return None

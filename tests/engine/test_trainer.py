@@ -125,7 +125,7 @@ class TwoPhases(Method):
     def phases(self):
         c = self.cfg
         return [Phase("body", 2, [OptimSpec([{"params": self.net.body.parameters()}], c.optimizer, c.schedule)],
-                      final=False, select_best=False),
+                      select_best=False),
                 Phase("head", 2, [OptimSpec([{"params": self.net.fc.parameters(), "lr_scale": 0.5}], c.optimizer,
                                             c.schedule)])]
 
@@ -217,12 +217,8 @@ def test_step_based_evaluation_runs_mid_epoch(tmp_path):
 
     class Recording(Trainer):
         def validate(self, method, val_set):
-            seen.append(self._step_now)
+            seen.append(self.step)  # optimiser steps done
             return super().validate(method, val_set)
-
-        def _validate_and_select(self, method, phase, epoch, step, val_set, mid_epoch):
-            self._step_now = step
-            return super()._validate_and_select(method, phase, epoch, step, val_set, mid_epoch)
 
     _, result = fit(cfg, trainer_cls=Recording)
     assert seen == [4, 8, 12, 14]

@@ -10,12 +10,8 @@ from graftkd.config import DivergenceConfig
 from graftkd.errors import UserError
 from graftkd.losses import (
     LOSSES,
-    CrossEntropy,
     DKDLoss,
-    DMLLoss,
     Divergence,
-    KDLoss,
-    NormalizedLogitMSE,
     adaptive_alpha_divergence,
     alpha_beta_divergence,
     alpha_divergence,
@@ -69,15 +65,6 @@ def test_standardize_rows_have_mean0_std1():
     close(z.std(1), np.ones(8), atol=1e-6)
 
 
-def test_cross_entropy_with_label_smoothing():
-    q = softmax(S)
-    eps = 0.1
-    nll = -np.log(q[np.arange(3), Y])
-    smooth = -np.log(q).mean(axis=1)
-    close(CrossEntropy(eps)(s_t, y_t), ((1 - eps) * nll + eps * smooth).mean())
-    close(CrossEntropy()(s_t, y_t), nll.mean())
-
-
 # ----------------------------------------------------------------- KD
 
 
@@ -85,16 +72,13 @@ def test_cross_entropy_with_label_smoothing():
 def test_kd_matches_reference(T):
     expected = T**2 * kl_rows(softmax(T_LOGITS / T), softmax(S / T)).mean()
     close(kd_loss(s_t, t_t, T), expected)
-    close(KDLoss(T)(s_t, t_t), expected)
     close(kd_loss_from_probs(s_t, soft_targets(t_t, T), T), expected)
-    close(KDLoss(T)(s_t, target_probs=soft_targets(t_t, T)), expected)
 
 
 def test_kd_standardized_matches_reference():
     T = 2.0
     expected = T**2 * kl_rows(softmax(zscore(T_LOGITS) / T), softmax(zscore(S) / T)).mean()
     close(kd_loss(s_t, t_t, T, standardize=True), expected)
-    close(KDLoss(T, standardize=True)(s_t, t_t), expected)
 
 
 def test_kd_gradient_is_T_times_q_minus_p_over_B():
@@ -116,7 +100,6 @@ def test_dml_mean_over_detached_peers():
     expected = (kl_rows(softmax(T_LOGITS), softmax(S)).mean() + kl_rows(softmax(-T_LOGITS), softmax(S)).mean()) / 2
     loss = dml_loss(s, [p1, p2])
     close(loss, expected)
-    close(DMLLoss()(s, [p1, p2]), expected)
     loss.backward()
     assert s.grad is not None and p1.grad is None and p2.grad is None
 
@@ -363,7 +346,6 @@ def test_normalized_logit_mse():
     tn = T_LOGITS / np.linalg.norm(T_LOGITS, axis=1, keepdims=True)
     expected = ((sn - tn) ** 2).sum()
     close(normalized_logit_mse(s_t, t_t), expected)
-    close(NormalizedLogitMSE()(s_t, t_t), expected)
     close(normalized_logit_mse(2 * t_t, t_t), 0.0, atol=1e-6)  # scale invariant
 
 
@@ -373,7 +355,6 @@ def test_losses_finite_and_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         p = soft_targets(t, 4.0)
         values = [
-            CrossEntropy(0.1)(s, y_t),
             kd_loss(s, t, 4.0),
             kd_loss(s, t, 2.0, standardize=True),
             DKDLoss(T=4.0)(s, y_t, 1, teacher_logits=t),

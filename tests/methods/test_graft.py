@@ -71,11 +71,11 @@ def test_phases_units_lrs_and_nshot_rule():
     assert shot_scaling(5, False, 64) == (1.0, 64)
     m = make("wrn_16_2", "wrn_40_1", shots=5)
     ph = m.phases()
-    assert [(p.name, p.epochs, p.batch_size, p.select_best, p.final) for p in ph] == [
-        ("stage1_block1", 100, 32, False, False), ("stage1_block2", 60, 32, False, False),
-        ("stage1_block3", 60, 32, False, False), ("stage1_head", 60, 32, False, False),
-        ("stage2_to_block2", 100, 32, False, False), ("stage2_to_block3", 100, 32, False, False),
-        ("stage2_to_head", 100, 32, True, True)]
+    assert [(p.name, p.epochs, p.batch_size, p.select_best) for p in ph] == [
+        ("stage1_block1", 100, 32, False), ("stage1_block2", 60, 32, False),
+        ("stage1_block3", 60, 32, False), ("stage1_head", 60, 32, False),
+        ("stage2_to_block2", 100, 32, False), ("stage2_to_block3", 100, 32, False),
+        ("stage2_to_head", 100, 32, True)]
     s1, s2 = ph[1].optimizers[0], ph[-1].optimizers[0]
     assert s1.optimizer.name == "adam" and s1.optimizer.lr == pytest.approx(2.5e-4 * 0.5)
     assert s1.params[1]["lr_scale"] == pytest.approx(10.0)  # bridge lr 2.5e-3 x 0.5

@@ -1,4 +1,4 @@
-"""Losses on logits ``[B, C]``: small modules and the functions they wrap, computed in float32."""
+"""Losses on logits ``[B, C]``, computed in float32: functions (and ``DKDLoss``, which keeps its warm-up)."""
 from graftkd.losses.divergences import (
     LOSSES,
     Divergence,
@@ -9,18 +9,14 @@ from graftkd.losses.divergences import (
     kl_divergence,
 )
 from graftkd.losses.dkd import DKDLoss, dkd_loss, dkd_parts
-from graftkd.losses.kd import CrossEntropy, DMLLoss, KDLoss, dml_loss, kd_loss, kd_loss_from_probs
-from graftkd.losses.netgraft import NormalizedLogitMSE, normalized_logit_mse
+from graftkd.losses.kd import dml_loss, kd_loss, kd_loss_from_probs
+from graftkd.losses.netgraft import normalized_logit_mse
 from graftkd.losses.standardize import soft_targets, standardize
 
 __all__ = [
     "LOSSES",
-    "CrossEntropy",
     "DKDLoss",
-    "DMLLoss",
     "Divergence",
-    "KDLoss",
-    "NormalizedLogitMSE",
     "adaptive_alpha_divergence",
     "alpha_beta_divergence",
     "alpha_divergence",

@@ -1,7 +1,7 @@
 """NetGraft's logit loss (``norm_loss=True`` in the official code)."""
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def normalized_logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -11,10 +11,3 @@ def normalized_logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tens
     s = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     t = t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return (s - t).square().sum()
-
-
-class NormalizedLogitMSE(nn.Module):
-    """Module form of ``normalized_logit_mse``."""
-
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        return normalized_logit_mse(student_logits, teacher_logits)

@@ -32,13 +32,12 @@ class OptimSpec:
 class Phase:
     """A stretch of training with its own optimisers. Its length is ``steps`` optimiser steps when
     given (the last epoch is then cut short), else ``epochs`` passes. ``select_best``: keep the
-    best-validation weights of this phase (else the last step's); the run's best.pt comes from
-    ``final`` phases."""
+    best-validation weights of this phase (else the last step's); a selecting phase starts a new
+    selection, so the run's ``best.pt`` comes from the last selecting phase."""
 
     name: str
     epochs: int | None
     optimizers: list[OptimSpec]
-    final: bool = True
     select_best: bool = True
     batch_size: int | None = None
     steps: int | None = None

@@ -305,15 +305,15 @@ class Graft(Method):
         for u in range(self.n_units):
             name = f"stage1_{self.unit_name(u)}"
             plan[name] = UnitPlan(u, u + 1, (u,), s1.target or self.opts.target)
-            phases.append(Phase(name, optimizers=[self._stage_optim(s1, u, (u,))], final=False, select_best=False,
+            phases.append(Phase(name, optimizers=[self._stage_optim(s1, u, (u,))], select_best=False,
                                 batch_size=self.batch_size, **length(s1, steps1, u)))
         for i in range(2, self.n_units + 1):
             name = f"stage2_to_{self.unit_name(i - 1)}"
             units = tuple(range(i))
             plan[name] = UnitPlan(0, i, units, s2.target or self.opts.target)
-            phases.append(Phase(name, optimizers=[self._stage_optim(s2, i - 2, units)], final=False,
+            phases.append(Phase(name, optimizers=[self._stage_optim(s2, i - 2, units)],
                                 select_best=False, batch_size=self.batch_size, **length(s2, steps2, i - 2)))
-        phases[-1].final = phases[-1].select_best = True
+        phases[-1].select_best = True  # the last progressive step keeps its best validated epoch
         return phases, plan
 
     # ------------------------------------------------------------------------------------ method

@@ -96,12 +96,6 @@ class TeacherEnsemble(nn.Module):
     def train(self, mode: bool = True) -> "TeacherEnsemble":
         return super().train(False)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[K, B, C] teacher logits (an ordinary tensor, computed under inference_mode)."""
-        with torch.inference_mode():
-            z = stack_logits(self.teachers, x)
-        return z.clone()
-
     def weights(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """[B, K] fusion weights for teacher logits [K, B, C]."""
         return fusion.weights(self.fusion.strategy, logits, labels, self.val_acc, self.fusion.tau)
