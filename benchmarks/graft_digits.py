@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from graftkd.config import load_config
-from graftkd.engine.io import atomic_write_json
-from graftkd.engine.run import execute, read_metrics
+from graftkd.files import atomic_write_json
+from graftkd.experiment import execute, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -124,7 +124,7 @@ def test_host_loss_is_netgraft_normalised_mse_and_fused_is_t2_kl():
     hand = sum(((s[b] / s[b].norm() - z[b] / z[b].norm()) ** 2).sum() for b in range(3))
     torch.testing.assert_close(out["nlmse"], hand, rtol=1e-6, atol=0)
     assert torch.equal(out["loss"], out["nlmse"])
-    f = make("resnet8", "resnet8", target="fused", temperature=2.0, ce_weight=0.5)
+    f = make("resnet8", "resnet8", target="fused", fused_loss="kl", temperature=2.0, ce_weight=0.5)
     randomise(f.net)
     f.start_phase(f.phases()[0])
     out = step(f, x, y)

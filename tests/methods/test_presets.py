@@ -69,3 +69,20 @@ def test_benchmark_studies_run_atf_with_the_few_shot_preset():
     assert len(fragments) >= 6
     for f in fragments:
         assert ATFMethod(**f) == preset.model_copy(update={"mode": f["mode"]})
+
+
+def test_digits_graft_preset_is_the_design_chosen_on_validation():
+    """docs/methods/graft.md: NetGraft's loss to the fused logit vector, 300 optimiser steps."""
+    from graftkd.methods.graft import phase_steps
+
+    c = load_config(CONFIGS / "digits/graft_fewshot.yaml")
+    m = c.method
+    assert (m.target, m.fused_loss, m.fused_logits, m.kd_weight, m.ce_weight, c.fusion.strategy) == \
+           ("fused", "nlmse", "log_probs", 0.0, 0.0, "accuracy")
+    assert (c.model.name, [t.name for t in c.teachers], c.data.shots, c.data.batch_size) == \
+           ("resnet8", ["resnet20", "resnet8x4"], 5, 64)
+    assert 4 * m.stage1.epochs[0] + sum(m.stage2.epochs) == 300  # one step per epoch at 5 and 10 shots
+    assert phase_steps(300, m.stage1_share, 4) == ([35, 35, 35, 36], [53, 53, 53])
+    steps = load_config(CONFIGS / "digits/graft_fewshot.yaml",
+                        ["trainer.steps=300", "method.stage1.epochs=null", "method.stage2.epochs=null"])
+    assert (steps.trainer.steps, steps.trainer.epochs) == (300, None)

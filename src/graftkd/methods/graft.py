@@ -9,8 +9,12 @@ differ, a 1x1 bridge ``t2s_u`` feeds unit u from the host and ``s2t_u`` feeds th
   only that unit and its bridges train; the weights of the last epoch are kept.
 - Stage 2, one phase per i = 2..U: units 1..i chained in place of the host's; all of them train;
   the last phase (whole student) keeps its best-validation epoch.
-- Loss: ``host`` NetGraft normalised-logit MSE to the host logits; ``fused`` T^2 KL to the fused
-  multi-teacher target; ``label`` CE; plus ``ce_weight`` * CE.
+- Loss: ``host`` NetGraft normalised-logit MSE to the host logits; ``fused`` the same loss to the
+  fused multi-teacher logit vector (``fused_loss: nlmse``, default; ``fusion.fuse_logits``) or T^2 KL
+  to the fused probabilities (``fused_loss: kl``); ``label`` CE; a stage may have its own target;
+  plus ``kd_weight`` * fused KL and ``ce_weight`` * CE. On real digits the KL form lost to the host
+  target and the normalised-logit form beat it (docs/methods/graft.md).
+- Lengths: stage epochs, or one ``trainer.steps`` budget split by ``stage1_share``.
 
 The student's stem (and shared stages) is the host's: copied at set-up, never trained, so the
 hybrid and the exported student see the same features. ``student()`` folds the bridges
@@ -84,15 +88,16 @@ class GraftMethod(MethodConfig):
 
     name: Literal["graft"] = "graft"
     target: Literal["host", "fused", "label"] = Field(
-        "fused", description="host: NetGraft normalised-logit MSE to the host's logits; fused: T^2 KL to the "
-                             "fused multi-teacher target (`fusion`); label: cross-entropy (ablation)")
-    host: int | None = Field(None, ge=0, description="index into `teachers` of the host; None: best on validation")
+        "fused", description="host: NetGraft normalised-logit MSE to the host's logits; fused: the fused "
+                             "multi-teacher target (`fusion`), matched as `fused_loss` says; label: cross-entropy (ablation)")
+    host: int | None = Field(None, ge=0, description="index into `teachers` of the host; None: the best on validation "
+                                                 "that the student can be grafted into")
     temperature: float = Field(4.0, gt=0, description="temperature of the fused target (target=fused)")
     fused_loss: Literal["nlmse", "kl"] = Field(
-        "kl", description="how the fused target is matched: nlmse: NetGraft's normalised-logit MSE to the fused "
+        "nlmse", description="how the fused target is matched: nlmse: NetGraft's normalised-logit MSE to the fused "
                           "logits (`fused_logits`); kl: T^2 KL to the fused probabilities")
     fused_logits: Literal["normalized_mean", "mean", "log_probs"] = Field(
-        "normalized_mean", description="fused logit vector for fused_loss=nlmse: normalized_mean: sum_k w_k z_k/||z_k||; "
+        "log_probs", description="fused logit vector for fused_loss=nlmse: normalized_mean: sum_k w_k z_k/||z_k||; "
                                        "mean: sum_k w_k z_k; log_probs: T log of the fused probabilities, centred")
     kd_weight: float = Field(0.0, ge=0, description="weight of an extra T^2 KL term to the fused probabilities")
     ce_weight: float = Field(0.0, ge=0, description="weight of an extra CE term to the labels (host/fused)")
