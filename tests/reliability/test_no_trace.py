@@ -400,3 +400,26 @@ def test_nproc_user_error_inside_the_ranks(ctx: Ctx):
     assert p.returncode == 2 and len(lines) == 1, p.stderr
     assert lines[0].startswith("graftkd distill: error: ") and "stage" in lines[0] and "[rank" not in lines[0]
     assert snapshot(ctx.out) == before and not (ctx.out / f".{DONE}.replaced").exists()
+
+
+def test_sigterm_while_starting_puts_the_old_run_back(tmp_path):
+    """torchrun stops the other ranks with SIGTERM when one fails: rank 0 still rolls back."""
+    import os
+    import signal
+    import time
+
+    from graftkd.experiment import RunStart, aside_path
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"old weights")
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as ex:
+        with RunStart(run, resume=False, active=True):
+            assert aside_path(run).is_dir() and not any(run.iterdir())
+            (run / "config.yaml").write_text("new run\n")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted by the handler
+    assert ex.value.code == 143 and signal.getsignal(signal.SIGTERM) == handler
+    assert sorted(p.name for p in run.iterdir()) == ["model.pt"] and (run / "model.pt").read_bytes() == b"old weights"
+    assert not aside_path(run).exists()
