@@ -52,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def one_line(message: str) -> str:
-    """A user error as one line (YAML parser messages, for one, span several)."""
-    return " | ".join(line.strip() for line in message.splitlines() if line.strip()) or "unknown error"
+    """A user error as one line (YAML parser messages, for one, span several). A user error raised in
+    a DataLoader worker arrives with the worker's traceback in its message: only its last line counts."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        lines = [lines[-1].split("UserError: ", 1)[-1]]
+    return " | ".join(lines) or "unknown error"
 
 
 def _rank_tag() -> str:

@@ -190,3 +190,21 @@ def test_unsafe_checkpoints_one_line_no_weights_only_advice_no_warning(capsys, t
         assert not caught, [str(w.message) for w in caught]
         assert_one_line_error(rc, err, str(path), reason, "not a weights-only PyTorch file")
         assert "weights_only" not in err and "trust" not in err
+
+
+def test_user_error_in_a_dataloader_worker_is_one_line():
+    """An image that breaks after the scan, read by a DataLoader worker: the worker's traceback that
+    PyTorch puts into the re-raised error's message is dropped."""
+    from graftkd.cli import one_line
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise UserError("cannot decode image /data/a.png: image file is truncated")
+
+    with pytest.raises(UserError) as ex:
+        next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1)))
+    assert "Traceback" in str(ex.value)
+    assert one_line(str(ex.value)) == "cannot decode image /data/a.png: image file is truncated"
