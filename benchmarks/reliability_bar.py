@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,6 +113,8 @@ def main() -> int:
 
     for name, ok, detail in results:
         print(f"{'PASS' if ok else 'FAIL'}  {name}  ({detail})")
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
     return 0 if all(ok for _, ok, _ in results) else 1
 
 
