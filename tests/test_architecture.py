@@ -28,7 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "graftkd.config_errors": (),
     "graftkd.config": ("graftkd.errors", "graftkd.registry", "graftkd.config_errors"),
     "graftkd.files": ("graftkd.errors",),
-    "graftkd.runtime": ("graftkd.errors", "graftkd.config"),
+    "graftkd.runtime": ("graftkd.errors", "graftkd.config", "graftkd.distributed"),
     "graftkd.distributed": (),
     # building blocks: they know the ground floor only (models and data never know each other)
     "graftkd.losses": GROUND,

@@ -1,16 +1,19 @@
 """Where and how tensors run: device, precision (autocast), seeding, threads, moving batches,
-and running a network over a loader. Ground floor: imports only torch, numpy and the config.
+running a network over a loader, and the settings of such a pass (``Inference``). Ground floor:
+imports only torch, numpy, the config and the distributed context.
 """
 from __future__ import annotations
 
 import contextlib
 import random
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from graftkd.config import ExperimentConfig, TrainerConfig
+from graftkd.distributed import DistContext
 from graftkd.errors import UserError
 
 
@@ -101,3 +104,20 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable[dict[st
         labels.append(batch["label"].cpu())
         index.append(batch["index"].cpu())
     return {"logits": torch.cat(logits), "labels": torch.cat(labels), "index": torch.cat(index)}
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How frozen networks are run over a dataset (teacher scoring, the soft-target cache): the
+    device, the batch, loader workers, the autocast dtype (None: fp32) and the ranks sharing it."""
+
+    device: torch.device
+    batch_size: int
+    num_workers: int = 0
+    dtype: torch.dtype | None = None
+    dist: DistContext = field(default_factory=DistContext)
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig, device: torch.device, dist: DistContext) -> "Inference":
+        """The run's settings: ``data.eval_batch_size``, ``data.num_workers``, the resolved precision."""
+        return cls(device, cfg.data.eval_batch_size, cfg.data.num_workers, autocast_dtype(cfg, device), dist)

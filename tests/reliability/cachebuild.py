@@ -13,8 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.teachers.test_cache import _manifest, _setup  # noqa: E402
 
-from graftkd.distributed import init_distributed  # noqa: E402
+from graftkd.distributed import DistContext, init_distributed  # noqa: E402
 from graftkd.files import save_checkpoint  # noqa: E402
+from graftkd.runtime import Inference  # noqa: E402
 from graftkd.teachers import SoftTargetCache  # noqa: E402
 
 
@@ -24,7 +25,7 @@ def build_all(folder: Path, dist=None) -> dict[str, SoftTargetCache]:
     torch.manual_seed(0)
     data, ens = _setup(folder / "teachers")
     return {name: SoftTargetCache.load_or_build(folder / name, ens, data.train, _manifest(ens, data, topk=topk),
-                                                torch.device("cpu"), batch_size=5, dist=dist)
+                                                Inference(torch.device("cpu"), 5, dist=dist or DistContext()))
             for name, topk in (("full", None), ("top2", 2))}
 
 

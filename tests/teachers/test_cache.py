@@ -3,6 +3,7 @@ import torch
 
 from graftkd.config import FusionConfig, TeacherConfig
 from graftkd.models import create_model
+from graftkd.runtime import Inference
 from graftkd.teachers import SoftTargetCache, TeacherTargets, cache_manifest, load_teachers
 from graftkd.teachers.ensemble import Teacher, state_checksum
 from tests.teachers.toydata import save_teacher, toy_bundle
@@ -15,8 +16,8 @@ def _setup(tmp_path, classes=3, strategy="confidence"):
     names = [f"c{k}" for k in range(classes)]
     files = [save_teacher(tmp_path / "a.pt", create_model("resnet8", classes), "resnet8", names),
              save_teacher(tmp_path / "b.pt", create_model("vgg8", classes), "vgg8", names, mean=(0.4, 0.5, 0.6))]
-    ens = load_teachers([TeacherConfig(checkpoint=f) for f in files], data, torch.device("cpu"),
-                        FusionConfig(strategy=strategy))
+    ens = load_teachers([TeacherConfig(checkpoint=f) for f in files], data, FusionConfig(strategy=strategy),
+                        Inference(torch.device("cpu"), batch_size=128))
     return data, ens
 
 
@@ -35,7 +36,7 @@ def _live(ens, data, view, temperature=T, standardize=True):
 def test_cache_equals_live_targets_on_every_view(tmp_path):
     data, ens = _setup(tmp_path)
     cache = SoftTargetCache.load_or_build(tmp_path / "cache", ens, data.train, _manifest(ens, data),
-                                          torch.device("cpu"), batch_size=7)
+                                          Inference(torch.device("cpu"), 7))
     assert cache.built and cache.values.dtype == torch.float16 and cache.values.shape == (20, V, 3)
     idx = torch.arange(20)
     for v in range(V):
@@ -48,7 +49,7 @@ def test_cache_equals_live_targets_on_every_view(tmp_path):
 
 def test_training_batches_get_the_same_target_live_and_cached(tmp_path, monkeypatch):
     data, ens = _setup(tmp_path)
-    cache = SoftTargetCache.build(ens, data.train, _manifest(ens, data), torch.device("cpu"), batch_size=8)
+    cache = SoftTargetCache.build(ens, data.train, _manifest(ens, data), Inference(torch.device("cpu"), 8))
     data.train.views = V
     data.train.set_epoch(5)
     batch = torch.utils.data.default_collate([data.train[i] for i in range(20)])
@@ -66,15 +67,15 @@ def test_training_batches_get_the_same_target_live_and_cached(tmp_path, monkeypa
 def test_manifest_match_reuses_and_mismatch_rebuilds(tmp_path):
     data, ens = _setup(tmp_path)
     folder = tmp_path / "cache"
-    first = SoftTargetCache.load_or_build(folder, ens, data.train, _manifest(ens, data), torch.device("cpu"), 8)
+    first = SoftTargetCache.load_or_build(folder, ens, data.train, _manifest(ens, data), Inference(torch.device("cpu"), 8))
     stamp = (folder / "soft_targets.pt").stat().st_mtime_ns
-    again = SoftTargetCache.load_or_build(folder, ens, data.train, _manifest(ens, data), torch.device("cpu"), 8)
+    again = SoftTargetCache.load_or_build(folder, ens, data.train, _manifest(ens, data), Inference(torch.device("cpu"), 8))
     assert first.built and not again.built
     assert torch.equal(again.values, first.values)
     assert (folder / "soft_targets.pt").stat().st_mtime_ns == stamp
 
     other_t = SoftTargetCache.load_or_build(folder, ens, data.train, _manifest(ens, data, temperature=2.0),
-                                            torch.device("cpu"), 8)
+                                            Inference(torch.device("cpu"), 8))
     assert other_t.built and not torch.allclose(other_t.values.float(), first.values.float(), atol=1e-3)
     got = other_t.lookup(torch.arange(20), torch.zeros(20, dtype=torch.long))
     assert (got - _live(ens, data, 0, temperature=2.0)).abs().max() < 1e-3
@@ -83,17 +84,17 @@ def test_manifest_match_reuses_and_mismatch_rebuilds(tmp_path):
         next(ens.teachers[0].model.parameters()).add_(0.1)
     ens.teachers[0].checksum = state_checksum(ens.teachers[0].model)
     changed = SoftTargetCache.load_or_build(folder, ens, data.train, _manifest(ens, data, temperature=2.0),
-                                            torch.device("cpu"), 8)
+                                            Inference(torch.device("cpu"), 8))
     assert changed.built  # a teacher's weights changed: new checksum, rebuilt
 
     (folder / "soft_targets.json").write_text("{not json")
     assert SoftTargetCache.load_or_build(folder, ens, data.train, _manifest(ens, data, temperature=2.0),
-                                         torch.device("cpu"), 8).built
+                                         Inference(torch.device("cpu"), 8)).built
 
 
 def test_topk_keeps_top_classes_and_spreads_the_residual(tmp_path):
     data, ens = _setup(tmp_path, classes=6, strategy="mean")
-    cache = SoftTargetCache.build(ens, data.train, _manifest(ens, data, topk=2), torch.device("cpu"), 8)
+    cache = SoftTargetCache.build(ens, data.train, _manifest(ens, data, topk=2), Inference(torch.device("cpu"), 8))
     assert cache.values.shape == (20, V, 2) and cache.indices.dtype == torch.int16
     live = _live(ens, data, 1)
     got = cache.lookup(torch.arange(20), torch.ones(20, dtype=torch.long))

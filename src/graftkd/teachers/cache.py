@@ -24,10 +24,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from graftkd.data.loaders import eval_loader
-from graftkd.distributed import DistContext
 from graftkd.errors import UserError
 from graftkd.files import atomic_write_json, load_checkpoint, save_checkpoint
-from graftkd.runtime import autocast, to_device
+from graftkd.runtime import Inference, autocast, to_device
 from graftkd.teachers.ensemble import TeacherEnsemble, records_hash
 
 FORMAT = "graftkd-soft-targets-v1"
@@ -122,23 +121,22 @@ class SoftTargetCache(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def build(cls, ensemble: TeacherEnsemble, train_set: Any, manifest: dict[str, Any], device: torch.device,
-              batch_size: int, num_workers: int = 0, dtype: torch.dtype | None = None,
-              dist: DistContext | None = None) -> "SoftTargetCache":
+    def build(cls, ensemble: TeacherEnsemble, train_set: Any, manifest: dict[str, Any],
+              run: Inference) -> "SoftTargetCache":
         """One pass over every (item, view): all teachers per batch, fused, stored compactly. Under
         torchrun each rank computes every world_size-th (item, view) and all ranks get the whole."""
         t0 = time.perf_counter()
         n, views, c, topk = len(train_set), manifest["views"], len(manifest["classes"]), manifest["topk"]
         width = topk or c
-        dist = dist or DistContext()
+        device, dist = run.device, run.dist
         values = torch.zeros(n, views, width, dtype=torch.float16)
         indices = torch.zeros(n, views, width, dtype=torch.int16 if c <= 32767 else torch.int32) if topk else None
         replay = _Replay(train_set, views)
-        loader = eval_loader(replay, batch_size, num_workers, dist.rank, dist.world_size)
+        loader = eval_loader(replay, run.batch_size, run.num_workers, dist.rank, dist.world_size)
         ensemble.eval()
         for batch in loader:
             b = to_device(batch, device, False)
-            with autocast(device, dtype):
+            with autocast(device, run.dtype):
                 p = ensemble.targets(b["image"], b["label"], manifest["temperature"], manifest["standardize"])
             i, v = batch["index"], batch["view"]
             if topk:
@@ -152,20 +150,18 @@ class SoftTargetCache(nn.Module):
 
     @classmethod
     def load_or_build(cls, folder: Path | None, ensemble: TeacherEnsemble, train_set: Any, manifest: dict[str, Any],
-                      device: torch.device, batch_size: int, num_workers: int = 0,
-                      dtype: torch.dtype | None = None, write: bool = True,
-                      dist: DistContext | None = None) -> "SoftTargetCache":
+                      run: Inference, write: bool = True) -> "SoftTargetCache":
         """Reuse ``folder``'s cache when its manifest matches, else build it (and save if ``write``).
         Under torchrun rank 0 decides, a build is split across ranks and rank 0 alone saves."""
-        dist = dist or DistContext()
+        dist = run.dist
         hit = cls.load(folder, manifest) if folder is not None and dist.is_main else None
-        if dist.sum([float(hit is not None)], device)[0] > 0:
+        if dist.sum([float(hit is not None)], run.device)[0] > 0:
             if not dist.is_main:
                 hit = cls.load(folder, manifest) if folder is not None else None
                 if hit is None:
                     raise UserError(f"rank {dist.rank}: the soft-target cache in {folder} is missing or stale")
             return hit
-        cache = cls.build(ensemble, train_set, manifest, device, batch_size, num_workers, dtype, dist)
+        cache = cls.build(ensemble, train_set, manifest, run)
         if folder is not None and write and dist.is_main:
             cache.save(folder)
         dist.barrier()

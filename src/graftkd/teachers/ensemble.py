@@ -21,7 +21,7 @@ from graftkd.config import FusionConfig, TeacherConfig
 from graftkd.data.loaders import eval_loader
 from graftkd.errors import UserError
 from graftkd.files import atomic_write_json
-from graftkd.runtime import predict
+from graftkd.runtime import Inference, predict
 from graftkd.teachers import fusion
 
 Stats = tuple[float, float, float]
@@ -175,20 +175,18 @@ def load_teacher(cfg: TeacherConfig, i: int, classes: list[str], data_mean: Stat
     return Teacher(model, name, source, mean, std, data_mean, data_std)
 
 
-def measure_val_accuracy(teachers: Sequence[Teacher], val_set: Any, device: torch.device, batch_size: int,
-                         num_workers: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """[K] accuracy of each teacher on ``val_set`` (one pass, all teachers per batch)."""
+def measure_val_accuracy(teachers: Sequence[Teacher], val_set: Any, run: Inference) -> torch.Tensor:
+    """[K] accuracy of each teacher on ``val_set`` (one pass, all teachers per batch; one process)."""
     if len(val_set) == 0:
         raise UserError("teacher fusion needs a validation split to measure teacher accuracy, and it is empty")
-    out = predict(lambda x: stack_logits(teachers, x, dim=1), eval_loader(val_set, batch_size, num_workers), device,
-                  dtype)
+    out = predict(lambda x: stack_logits(teachers, x, dim=1), eval_loader(val_set, run.batch_size, run.num_workers),
+                  run.device, run.dtype)
     return (out["logits"].argmax(-1) == out["labels"][:, None]).float().mean(0)
 
 
-def load_teachers(cfgs: Sequence[TeacherConfig], data: Any, device: torch.device, fusion_cfg: FusionConfig, *,
-                  batch_size: int = 128, num_workers: int = 0, dtype: torch.dtype | None = None,
+def load_teachers(cfgs: Sequence[TeacherConfig], data: Any, fusion_cfg: FusionConfig, run: Inference,
                   run_dir: Path | None = None) -> TeacherEnsemble:
-    """Load, freeze and score the teachers of a run; fused with ``fusion_cfg``.
+    """Load, freeze and score (with ``run``'s settings) the teachers of a run; fused with ``fusion_cfg``.
 
     Validation accuracies are measured once and kept in ``run_dir/cache/teacher_val.json`` (keyed
     by the teachers' checksums, normalisation and the validation records), so a resumed run reuses them.
@@ -197,7 +195,7 @@ def load_teachers(cfgs: Sequence[TeacherConfig], data: Any, device: torch.device
         raise UserError("this method needs teachers: add a `teachers:` list to the config")
     teachers = [load_teacher(c, i, list(data.classes), tuple(data.mean), tuple(data.std)) for i, c in enumerate(cfgs)]
     for t in teachers:
-        t.to(device)
+        t.to(run.device)
     key = hashlib.sha256(json.dumps([[t.describe() for t in teachers], records_hash(data.val.records),
                                      data.image_size]).encode()).hexdigest()
     path = run_dir / "cache" / "teacher_val.json" if run_dir is not None else None
@@ -205,8 +203,8 @@ def load_teachers(cfgs: Sequence[TeacherConfig], data: Any, device: torch.device
     if stored.get("key") == key:
         acc = torch.tensor(stored["val_accuracy"])
     else:
-        acc = measure_val_accuracy(teachers, data.val, device, batch_size, num_workers, dtype)
+        acc = measure_val_accuracy(teachers, data.val, run)
         if path is not None:
             atomic_write_json(path, {"key": key, "teachers": [t.describe() for t in teachers],
                                      "val_accuracy": acc.tolist()})
-    return TeacherEnsemble(teachers, fusion_cfg, acc).to(device)
+    return TeacherEnsemble(teachers, fusion_cfg, acc).to(run.device)

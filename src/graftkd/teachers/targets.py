@@ -12,7 +12,7 @@ from torch import nn
 
 from graftkd.config import ExperimentConfig
 from graftkd.distributed import DistContext
-from graftkd.runtime import autocast_dtype
+from graftkd.runtime import Inference
 from graftkd.teachers.cache import SoftTargetCache, cache_manifest
 from graftkd.teachers.ensemble import TeacherEnsemble, load_teachers
 
@@ -50,10 +50,8 @@ def build_teacher_targets(cfg: ExperimentConfig, data: Any, run_dir: Path | None
     Under torchrun the build is split across ranks (rank 0 saves ``run_dir/cache``); a cache rank 0
     finds valid is read by every rank.
     """
-    dtype = autocast_dtype(cfg, device)
-    ensemble = load_teachers(cfg.teachers, data, device, cfg.fusion, batch_size=cfg.data.eval_batch_size,
-                             num_workers=cfg.data.num_workers, dtype=dtype,
-                             run_dir=run_dir if dist.is_main else None)
+    run = Inference.of(cfg, device, dist)
+    ensemble = load_teachers(cfg.teachers, data, cfg.fusion, run, run_dir if dist.is_main else None)
     cache = None
     cc = cfg.teacher_cache
     if cc.enabled:
@@ -64,8 +62,7 @@ def build_teacher_targets(cfg: ExperimentConfig, data: Any, run_dir: Path | None
                                   data_seed=getattr(data.train, "seed", cfg.seed), image_size=data.image_size,
                                   classes=list(data.classes))
         folder = run_dir / "cache" if run_dir is not None else None
-        cache = SoftTargetCache.load_or_build(folder, ensemble, data.train, manifest, device, cfg.data.eval_batch_size,
-                                              cfg.data.num_workers, dtype, dist=dist)
+        cache = SoftTargetCache.load_or_build(folder, ensemble, data.train, manifest, run)
     return TeacherTargets(ensemble, temperature, standardize, cache).to(device)
 
 
