@@ -54,7 +54,7 @@ def kill_once(marker: Path) -> None:
 def toy_config(run_dir: Path, batch: int, epochs: int) -> ExperimentConfig:
     return load_config(None, [f"output.dir={run_dir.parent}", f"output.name={run_dir.name}",
                               "output.tensorboard=false", f"trainer.epochs={epochs}", "trainer.progress=false",
-                              "trainer.device=cpu", f"data.batch_size={batch}", "optimizer.lr=0.1",
+                              "trainer.device=cpu", "trainer.precision=fp32", f"data.batch_size={batch}", "optimizer.lr=0.1",
                               "schedule.name=cosine", "schedule.warmup_epochs=1"])
 
 
