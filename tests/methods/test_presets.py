@@ -78,7 +78,7 @@ def test_digits_graft_preset_is_the_design_chosen_on_validation():
     c = load_config(CONFIGS / "digits/graft_fewshot.yaml")
     m = c.method
     assert (m.target, m.fused_loss, m.fused_logits, m.kd_weight, m.ce_weight, c.fusion.strategy) == \
-           ("fused", "nlmse", "log_probs", 0.0, 0.0, "accuracy")
+           ("fused", "nlmse", "normalized_mean", 0.0, 0.0, "accuracy")
     assert (c.model.name, [t.name for t in c.teachers], c.data.shots, c.data.batch_size) == \
            ("resnet8", ["resnet20", "resnet8x4"], 5, 64)
     assert 4 * m.stage1.epochs[0] + sum(m.stage2.epochs) == 300  # one step per epoch at 5 and 10 shots

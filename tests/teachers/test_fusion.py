@@ -118,3 +118,19 @@ def test_fuse_logits_of_one_teacher_has_its_direction_and_zero_weight_is_ignored
         torch.testing.assert_close(v / v.norm(dim=-1, keepdim=True), z[0] / z[0].norm(dim=-1, keepdim=True))
     v = fusion.fuse_logits(z, w, "log_probs", 4.0)  # T log softmax(z/T), centred = z centred
     torch.testing.assert_close(v, z[0] - z[0].mean(-1, keepdim=True), atol=1e-5, rtol=0)
+
+
+def test_nlmse_to_normalized_mean_has_the_gradient_of_the_weighted_per_teacher_losses():
+    """grad_s nlmse(s, sum_k w_k z_k/||z_k||) = grad_s sum_k w_k nlmse(s, z_k) / ||v_b|| per sample."""
+    from graftkd.losses import normalized_logit_mse
+
+    z = _logits(k=3, b=4, c=6).double()
+    w = torch.softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), -1).double()
+    s = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    v = fusion.fuse_logits(z, w, "normalized_mean").double()
+    (g_fused,) = torch.autograd.grad(normalized_logit_mse(s, v).double(), s)
+    s64 = s.detach().clone().requires_grad_(True)
+    per_teacher = sum((w[:, k] * ((s64 / s64.norm(dim=1, keepdim=True)
+                                   - z[k] / z[k].norm(dim=1, keepdim=True)) ** 2).sum(1)).sum() for k in range(3))
+    (g_sum,) = torch.autograd.grad(per_teacher, s64)
+    torch.testing.assert_close(g_fused.double() * v.norm(dim=1, keepdim=True), g_sum, rtol=1e-5, atol=1e-6)

@@ -10,7 +10,8 @@ differ, a 1x1 bridge ``t2s_u`` feeds unit u from the host and ``s2t_u`` feeds th
 - Stage 2, one phase per i = 2..U: units 1..i chained in place of the host's; all of them train;
   the last phase (whole student) keeps its best-validation epoch.
 - Loss: ``host`` NetGraft normalised-logit MSE to the host logits; ``fused`` the same loss to the
-  fused multi-teacher logit vector (``fused_loss: nlmse``, default; ``fusion.fuse_logits``) or T^2 KL
+  fused multi-teacher logit vector (``fused_loss: nlmse``, default; ``fusion.fuse_logits``, default the
+  weighted mean of the teachers' normalised logits) or T^2 KL
   to the fused probabilities (``fused_loss: kl``); ``label`` CE; a stage may have its own target;
   plus ``kd_weight`` * fused KL and ``ce_weight`` * CE. On real digits the KL form lost to the host
   target and the normalised-logit form beat it (docs/methods/graft.md).
@@ -97,7 +98,7 @@ class GraftMethod(MethodConfig):
         "nlmse", description="how the fused target is matched: nlmse: NetGraft's normalised-logit MSE to the fused "
                           "logits (`fused_logits`); kl: T^2 KL to the fused probabilities")
     fused_logits: Literal["normalized_mean", "mean", "log_probs"] = Field(
-        "log_probs", description="fused logit vector for fused_loss=nlmse: normalized_mean: sum_k w_k z_k/||z_k||; "
+        "normalized_mean", description="fused logit vector for fused_loss=nlmse: normalized_mean: sum_k w_k z_k/||z_k||; "
                                        "mean: sum_k w_k z_k; log_probs: T log of the fused probabilities, centred")
     kd_weight: float = Field(0.0, ge=0, description="weight of an extra T^2 KL term to the fused probabilities")
     ce_weight: float = Field(0.0, ge=0, description="weight of an extra CE term to the labels (host/fused)")
