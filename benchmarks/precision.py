@@ -8,6 +8,7 @@ under the same load.
 
     python benchmarks/precision.py [--root /work/cache/digits] [--out runs/bench_precision] [--seeds 5]
 
+Finished runs (a metrics.json in their folder) are re-used, so adding seeds runs only the new ones.
 Writes ``benchmarks/results/precision.json``.
 """
 from __future__ import annotations
@@ -71,11 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     load = [os.getloadavg()[0]]
     runs: dict[tuple[str, str], list[dict]] = {}
     t0 = time.perf_counter()
+    reused = 0
     for seed in range(args.seeds):
         for method in METHODS:
             for precision in PRECISIONS:
                 cfg = load_config(None, overrides(args, method, precision, seed))
-                execute(cfg, overwrite=True)
+                if (cfg.run_dir / "metrics.json").is_file():  # a finished run is re-used
+                    reused += 1
+                else:
+                    execute(cfg, overwrite=True)
                 m = read_metrics(cfg.run_dir)
                 assert m["precision"]["ran"] == precision, m["precision"]
                 with (cfg.run_dir / "log.csv").open() as f:
@@ -106,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
            "student": args.student, "teacher": args.teacher, "test_images": test_images, "epochs": args.epochs, "batch_size": args.batch_size,
            "threads": args.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "cpu_native_bf16": cpu_native_bf16(), "load_avg_1m": [round(x, 2) for x in load],
-           "wall_seconds": round(time.perf_counter() - t0, 1), "rows": rows, "bf16_vs_fp32": verdict}
+           "wall_seconds": round(time.perf_counter() - t0, 1),
+           "reused_runs": reused, "rows": rows, "bf16_vs_fp32": verdict}
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "precision.json").write_text(json.dumps(out, indent=1) + "\n")
