@@ -4,7 +4,7 @@ replaces, on synthetic histology (binary, patient split) with the full training 
 1. Synthetic histology with many patients (``--patients``, default 200, x 4 magnifications x
    ``--images-per-patient``), split 60/20/20 by patient, so the test split has hundreds of images.
 2. The three teachers of the demo (resnet32, wrn_16_2, vgg8) trained on the whole training split.
-3. Students (``--students``, default resnet8) distilled from the mean-fused ensemble (the soft-target
+3. Students (``--students``, default resnet8, each for every ``--student-epochs``) distilled from the mean-fused ensemble (the soft-target
    cache), each selected on validation; the deployed student is the best on validation among those
    at least ``--min-speedup`` times faster than the ensemble at both batch sizes.
 4. Params, MACs and CPU latency (PyTorch eager, inference mode, batch 1 and 64; what ``graftkd
@@ -64,14 +64,14 @@ def train_teacher(args: argparse.Namespace, arch: str, lr: float) -> tuple[Path,
         "schedule.warmup_epochs=1", f"trainer.epochs={args.teacher_epochs}", f"output.name=teacher_{arch}"])
 
 
-def distil(args: argparse.Namespace, arch: str, teachers: list[tuple[str, Path]]) -> tuple[Path, dict]:
+def distil(args: argparse.Namespace, arch: str, epochs: int, teachers: list[tuple[str, Path]]) -> tuple[Path, dict]:
     listed = ", ".join(f"{{name: {n}, checkpoint: {p}}}" for n, p in teachers)
     return run(data_overrides(args) + [
         "name=latency_student", f"model.name={arch}", f"teachers=[{listed}]", "fusion.strategy=mean",
         "teacher_cache={enabled: true, views: 8}",
         "method={name: kd, temperature: 4.0, ce_weight: 0.1, kd_weight: 0.9}", "optimizer.name=sgd",
         "optimizer.lr=0.05", "optimizer.nesterov=true", "optimizer.weight_decay=5e-4", "schedule.name=cosine",
-        "schedule.warmup_epochs=1", f"trainer.epochs={args.student_epochs}", f"output.name=student_{arch}_kd"])
+        "schedule.warmup_epochs=1", f"trainer.epochs={epochs}", f"output.name=student_{arch}_kd_e{epochs}"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--teacher-epochs", type=int, default=15)
-    p.add_argument("--student-epochs", type=int, default=30)
+    p.add_argument("--student-epochs", type=int, nargs="+", default=[30], help="one student run per value")
     p.add_argument("--students", nargs="+", default=["resnet8"])
     p.add_argument("--min-speedup", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the latency measurement")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     teacher_runs = {arch: train_teacher(args, arch, lr) for arch, lr in TEACHERS.items()}
     ckpts = [(arch, d / "model.pt") for arch, (d, _) in teacher_runs.items()]
-    student_runs = {arch: distil(args, arch, ckpts) for arch in args.students}
+    student_runs = {f"{arch} e{ep}": distil(args, arch, ep, ckpts) for arch in args.students for ep in args.student_epochs}
     train_s = time.perf_counter() - t0
 
     torch.set_num_threads(args.threads)
@@ -126,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                           "ms_b1_rounds": [round(x, 3) for x in ms[name]["b1"]],
                           "ms_b64_rounds": [round(x, 3) for x in ms[name]["b64"]]}
     speed = {}
-    for arch in args.students:
+    for arch in student_runs:
         s, e = ms[f"student {arch}"], ms["ensemble"]
         speed[arch] = {b: round(statistics.median(x / y for x, y in zip(e[b], s[b])), 2) for b in ("b1", "b64")}
-    fast = [a for a in args.students if min(speed[a].values()) >= args.min_speedup] or list(args.students)
+    fast = [a for a in student_runs if min(speed[a].values()) >= args.min_speedup] or list(student_runs)
     chosen = max(fast, key=lambda a: val[f"student {a}"])  # selected on validation, never on test
     test_counts = any_run["data"]["counts"]["test"]
     result = {
