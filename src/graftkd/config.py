@@ -176,6 +176,19 @@ class MethodConfig(Strict):
     name: str
 
 
+class WarmupInSteps(BaseModel):
+    """Mixin of method sections with ``warmup_epochs`` and ``warmup_steps`` (an int | None field each,
+    declared by the method): ``warmup_steps`` alone clears the epochs default to 0; both is an error."""
+
+    _steps = model_validator(mode="before")(classmethod(lambda cls, d: steps_replace_epochs(
+        d, "warmup_steps", "warmup_epochs", 0)))
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "WarmupInSteps":
+        check_one_length(self, "method", "warmup_steps", "warmup_epochs", 0)
+        return self
+
+
 #: method name -> its config class (filled by ``register_method_config``)
 METHOD_CONFIGS: Registry[type[MethodConfig]] = Registry("method")
 

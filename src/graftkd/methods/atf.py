@@ -43,11 +43,10 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from graftkd.config import (DivergenceConfig, ExperimentConfig, MethodConfig, check_one_length,
-                            steps_replace_epochs)
+from graftkd.config import DivergenceConfig, ExperimentConfig, MethodConfig, WarmupInSteps
 from graftkd.data.loaders import predict_split
 from graftkd.errors import UserError
 from graftkd.losses import divergences
@@ -60,7 +59,7 @@ from graftkd.teachers.ensemble import Teacher, load_teacher, stack_logits
 Predict = Callable[[Callable[[torch.Tensor], torch.Tensor]], dict[str, torch.Tensor]]
 
 
-class ATFMethod(MethodConfig):
+class ATFMethod(MethodConfig, WarmupInSteps):
     """Adaptive Teacher Finetune (our definition, methods.md I.4) and the modes it is compared with.
 
     Student: ``ce_weight*CE(s, y) + kd_weight*T^2*D(stopgrad(p_T) || p_S)``. Teacher k (own
@@ -107,14 +106,6 @@ class ATFMethod(MethodConfig):
                                                         "validated state, once its validation accuracy falls more "
                                                         "than this below its accuracy before training; checked at "
                                                         "every validation (None: off)")
-
-    _steps = model_validator(mode="before")(classmethod(lambda cls, d: steps_replace_epochs(
-        d, "warmup_steps", "warmup_epochs", 0)))
-
-    @model_validator(mode="after")
-    def _one_warmup(self) -> "ATFMethod":
-        check_one_length(self, "method", "warmup_steps", "warmup_epochs", 0)
-        return self
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,17 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from graftkd.config import ExperimentConfig, MethodConfig, check_one_length, steps_replace_epochs
+from graftkd.config import ExperimentConfig, MethodConfig, WarmupInSteps
 from graftkd.losses.dkd import DKDLoss
 from graftkd.methods.base import METHODS, StepContext
 from graftkd.methods.kd import TeacherStudent, agreement
 from graftkd.teachers.targets import TeacherTargets, build_teacher_targets
 
 
-class DKDMethod(MethodConfig):
+class DKDMethod(MethodConfig, WarmupInSteps):
     """ce_weight * CE + min(epoch / warmup, 1) * (alpha TCKD + beta NCKD), epoch from 1 (mdistiller defaults)."""
 
     name: Literal["dkd"] = "dkd"
@@ -34,14 +34,6 @@ class DKDMethod(MethodConfig):
     warmup_steps: int | None = Field(None, ge=1, description="the ramp in optimiser steps instead (then "
                                                              "warmup_epochs must be 0; it is, unless given)")
     standardize: bool = Field(False, description="logit standardisation Z() of teacher and student logits before /T")
-
-    _steps = model_validator(mode="before")(classmethod(lambda cls, d: steps_replace_epochs(
-        d, "warmup_steps", "warmup_epochs", 0)))
-
-    @model_validator(mode="after")
-    def _one_warmup(self) -> "DKDMethod":
-        check_one_length(self, "method", "warmup_steps", "warmup_epochs", 0)
-        return self
 
 
 class DKD(TeacherStudent):
