@@ -11,14 +11,13 @@ patient_recognition_rate}``, with the code revision and the command).
 """
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "benchmarks" / "studies" / "fewshot_histology.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,21 +50,10 @@ def train_teachers(root: Path, study: Path = STUDY, epochs: int = 15) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from graftkd.study import compare
+    from fewshot_digits import study_main
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", type=Path, default=Path("runs/histology"), help="synthetic tree and teachers")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once (1 thread each)")
-    p.add_argument("--study", type=Path, default=STUDY.relative_to(ROOT))
-    p.add_argument("--results", type=Path, default=RESULTS / "fewshot.json")
-    p.add_argument("--methods", nargs="+", help="only these methods of the study (the same runs)")
-    p.add_argument("overrides", nargs="*", help="overrides of the study (e.g. seeds=[0,1])")
-    args = p.parse_args(argv)
-    train_teachers(args.root, args.study)
-    command = shlex.join(["python", "benchmarks/fewshot.py", *(sys.argv[1:] if argv is None else argv)])
-    compare(args.study, histology_overrides(args.root) + args.overrides, args.jobs, args.results, command,
-            methods=args.methods)
-    return 0
+    return study_main(__doc__, "benchmarks/fewshot.py", STUDY, RESULTS / "fewshot.json", Path("runs/histology"),
+                      train_teachers, histology_overrides, argv)
 
 
 if __name__ == "__main__":

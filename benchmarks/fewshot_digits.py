@@ -39,22 +39,29 @@ def prepare_all(root: Path, teacher_epochs: int = 30) -> None:
         train_teacher(manifest, root / "teachers", arch, teacher_epochs)
 
 
-def main(argv: list[str] | None = None) -> int:
+def study_main(doc: str, script: str, study: Path, results: Path, root: Path, prepare, overrides,
+               argv: list[str] | None) -> int:
+    """The command line every few-shot benchmark shares: prepare data and teachers under ``--root``,
+    then run the study through ``graftkd compare`` and write ``--results``."""
     from graftkd.study import compare
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", type=Path, default=Path("runs/digits"), help="digits images, manifest and teachers")
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--root", type=Path, default=root, help="data and teachers")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (1 thread each)")
-    p.add_argument("--study", type=Path, default=STUDY.relative_to(ROOT))
-    p.add_argument("--results", type=Path, default=RESULTS / "fewshot_digits.json")
+    p.add_argument("--study", type=Path, default=study.relative_to(ROOT))
+    p.add_argument("--results", type=Path, default=results)
     p.add_argument("--methods", nargs="+", help="only these methods of the study (the same runs)")
     p.add_argument("overrides", nargs="*", help="overrides of the study (e.g. seeds=[0,1])")
     args = p.parse_args(argv)
-    prepare_all(args.root)
-    command = shlex.join(["python", "benchmarks/fewshot_digits.py", *(sys.argv[1:] if argv is None else argv)])
-    compare(args.study, digits_overrides(args.root) + args.overrides, args.jobs, args.results, command,
-            methods=args.methods)
+    prepare(args.root)
+    command = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+    compare(args.study, overrides(args.root) + args.overrides, args.jobs, args.results, command, methods=args.methods)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return study_main(__doc__, "benchmarks/fewshot_digits.py", STUDY, RESULTS / "fewshot_digits.json",
+                      Path("runs/digits"), prepare_all, digits_overrides, argv)
 
 
 if __name__ == "__main__":
