@@ -54,7 +54,8 @@ def test_few_shot_atf_presets_share_the_few_shot_defaults():
     m, kd = digits.method, KDMethod()
     assert (m.temperature, m.ce_weight, m.kd_weight, m.standardize, m.divergence) == \
            (kd.temperature, kd.ce_weight, kd.kd_weight, kd.standardize, kd.divergence)
-    assert (m.mode, m.adapt, m.lam, m.teacher_weight_decay, m.teacher_ce_weight) == ("atf", "head", 0.1, 0.0, 1.0)
+    assert (m.mode, m.adapt, m.lam, m.teacher_weight_decay, m.teacher_ce_weight, m.guard) == \
+           ("atf", "head", 0.1, 0.0, 1.0, 0.01)
     assert (digits.data.shots, digits.trainer.steps) == (5, 300)
 
 

@@ -5,7 +5,8 @@ The ATF paper's text is not available; this is graftkd's definition (methods.md 
 ``p = softmax(Z(v) / T)`` (``Z`` the per-sample logit standardisation, switch ``standardize``)::
 
     student    L_S = ce_weight * CE(s, y) + kd_weight * T^2 * D(stopgrad(p_T) || p_S)
-    teacher k  L_k = CE(z_k, y) + lam * T^2 * D(stopgrad(p_S) || p_k) + mu * ||theta_k - theta_k0||^2
+    teacher k  L_k = teacher_ce_weight * CE(z_k, y) + lam * T^2 * D(stopgrad(p_S) || p_k)
+                     + mu * ||theta_k - theta_k0||^2
 
 ``D`` is the configured divergence (alpha fixed or adaptive, KL, alpha-beta). ``p_T`` is teacher
 k's distribution when K = 1, else the fused target ``sum_k w_k p_k`` (``fusion`` section): global
@@ -13,7 +14,10 @@ strategies (mean, accuracy, best) use the accuracies of the teachers *before* ad
 once on validation when the method is built, so the weights stay fixed; per-sample strategies
 (entropy, confidence) are computed live from the adapting teachers' current logits.
 
-One phase, one optimiser for the student and one per teacher (lr = ratio * student lr). The step
+One phase, one optimiser for the student and one per teacher (lr = ratio * student lr, weight decay
+``teacher_weight_decay``; ``adapt`` = all | last_stage | head says which teacher parameters train;
+``guard`` stops a teacher's adaptation and rolls it back to its best validated state once its
+validation accuracy drops by more than ``guard``, see ``ATF.after_validation``). The step
 returns ``loss = L_S + sum_k L_k``; the stop-gradients make L_S reach only the student and L_k
 only teacher k. A teacher *update step* is a step in epoch >= ``warmup_epochs`` (or, with
 ``warmup_steps``, a step of the phase >= ``warmup_steps``) with
@@ -63,7 +67,9 @@ class ATFMethod(MethodConfig, WarmupInSteps):
     """Adaptive Teacher Finetune (our definition, methods.md I.4) and the modes it is compared with.
 
     Student: ``ce_weight*CE(s, y) + kd_weight*T^2*D(stopgrad(p_T) || p_S)``. Teacher k (own
-    optimiser): ``CE(z_k, y) + lam*T^2*D(stopgrad(p_S) || p_k) + mu*||theta_k - theta_k0||^2``.
+    optimiser): ``teacher_ce_weight*CE(z_k, y) + lam*T^2*D(stopgrad(p_S) || p_k) + mu*||theta_k - theta_k0||^2``
+    over the parameters ``adapt`` selects. The defaults are the CIFAR-100 (many labels) preset's; for few
+    labels use the few-shot presets (configs/digits/atf.yaml: the kd student loss, adapt=head, lam 0.1).
     ``mode`` says which teacher terms are on: ``atf`` all of them; ``offline`` none (teachers frozen:
     plain KD with the same divergence); ``offline_joint`` CE + mu (lam is not used); ``online`` CE +
     lam with peers of the teachers' architectures from random init, trained from step 0 at
