@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--only", choices=("digits", "histology"), help="run one of the two studies (the other is "
                                                                    "kept from the existing atf.json)")
+    p.add_argument("--methods", nargs="+", help="only these methods of the studies (the same runs)")
+    p.add_argument("overrides", nargs="*", help="overrides of both studies (e.g. seeds=[0,1,2])")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "atf.json")
     args = p.parse_args(argv)
     command = shlex.join(["python", "benchmarks/atf.py", *(sys.argv[1:] if argv is None else argv)])
@@ -43,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "digits"):
         fewshot_digits.prepare_all(args.digits_root)
         studies["digits"] = compare(Path("benchmarks/studies/atf_digits.yaml"),
-                                    fewshot_digits.digits_overrides(args.digits_root), args.jobs, None, command)
+                                    fewshot_digits.digits_overrides(args.digits_root) + args.overrides, args.jobs, None,
+                                    command, methods=args.methods)
     if args.only in (None, "histology"):
         fewshot.train_teachers(args.histology_root)
         studies["histology"] = compare(Path("benchmarks/studies/atf_histology.yaml"),
-                                       fewshot.histology_overrides(args.histology_root), args.jobs, None, command)
+                                       fewshot.histology_overrides(args.histology_root) + args.overrides, args.jobs,
+                                       None, command, methods=args.methods)
     atomic_write_json(args.out, {"revision": code_revision()["commit"], "command": command, "studies": studies})
     return 0
 
