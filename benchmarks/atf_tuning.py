@@ -7,8 +7,9 @@ VALIDATION only (the validation-selected student's validation accuracy); test ac
   class drawn with each seed, the resnet20 teacher trained on the whole train split, student resnet8,
   batch 25 (2 steps per epoch), 150 epochs = 300 SGD steps (lr 0.05, momentum 0.9, cosine),
   validation every 10 steps.
-- ``synthetic``: ``configs/synthetic/atf.yaml`` with 120 patients (so validation holds 24 patients), its
-  resnet20 teacher trained per seed with ``configs/synthetic/atf_teacher.yaml``, 12 epochs.
+- ``synthetic``: the histology study's data and teacher (``benchmarks/studies/atf_histology.yaml``: 240
+  synthetic patients with 2..10 images, patient split, resnet20 teacher of ``benchmarks/fewshot.py``),
+  10 shots per class, batch 16, 300 SGD steps (nesterov), validation every 20 steps.
 
     python benchmarks/atf_tuning.py [--bench digits synthetic] [--variants ...] [--seeds 0 1 2]
                                     [--root /work/cache/digits] [--out runs/atf_tuning]
@@ -42,7 +43,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from digits_data import data_overrides  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "atf_tuning.json"
-SYN = ROOT / "configs" / "synthetic"
 #: the `kd` method's student loss, used by every variant but the first two
 KD = ["method.divergence.kind=kl", "method.temperature=4", "method.standardize=false", "method.kd_weight=0.9"]
 #: the former preset: logit-standardisation student loss (T 2, CE 0.1, KD 9), alpha 0.5, whole teacher, lam 1
@@ -68,7 +68,9 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "head_lam0": ("atf", KD + ["method.adapt=head", "method.lam=0"], "head adapts, labels only (lam 0)"),
     "head_lam0.01": ("atf", KD + ["method.adapt=head", "method.lam=0.01"], "head adapts, lam 0.01"),
     "head_lam0.1": ("atf", KD + ["method.adapt=head", "method.lam=0.1"],
-                    "head adapts, lam 0.1 (the few-shot presets)"),
+                    "head adapts, lam 0.1"),
+    "head_lam0.1_guard": ("atf", KD + ["method.adapt=head", "method.lam=0.1", "method.guard=0.01"],
+                          "head adapts, lam 0.1, guard 0.01 (the few-shot presets)"),
     "head_lam0.1_lr1": ("atf", KD + ["method.adapt=head", "method.lam=0.1", "method.lr_ratio=1"],
                         "head adapts, lam 0.1, teacher lr = student lr"),
 }
@@ -83,7 +85,7 @@ def quiet(out: Path, name: str, seed: int) -> list[str]:
             f"output.dir={out}", f"output.name={name}"]
 
 
-def config(bench: str, variant: str, seed: int, root: Path, out: Path):
+def config(bench: str, variant: str, seed: int, root: Path, out: Path, histology: Path):
     method, extra, _ = VARIANTS[variant]
     name = f"{bench}_{variant}_resnet20_s{seed}"
     if bench == "digits":
@@ -93,15 +95,18 @@ def config(bench: str, variant: str, seed: int, root: Path, out: Path):
             "optimizer.name=sgd", "optimizer.lr=0.05", "optimizer.momentum=0.9", "optimizer.weight_decay=5e-4",
             "schedule.name=cosine", "trainer.epochs=150", "trainer.eval_every=5", f"method={{name: {method}}}"]
         return load_config(None, base + quiet(out, name, seed) + extra)
-    syn = ["data.synthetic.patients=120", "trainer.threads=1", "trainer.progress=false", "output.tensorboard=false"]
-    teacher = out / f"syn_teacher_s{seed}"
-    if not (teacher / "model.pt").is_file():
-        execute(load_config(SYN / "atf_teacher.yaml", syn + [f"seed={seed}", f"output.dir={out}",
-                                                             f"output.name=syn_teacher_s{seed}"]), overwrite=True)
-    base = syn + ["trainer.epochs=12", f"teachers.0.checkpoint={teacher}/model.pt"]
-    if method != "atf":
-        base.append(f"method={{name: {method}}}")
-    return load_config(SYN / "atf.yaml", base + quiet(out, name, seed) + extra)
+    hist = histology
+    base = [
+        "data.source=synthetic", f"data.root={hist}/data", "data.task=binary", "data.magnification=all",
+        "data.image_size=32", "data.augment=histology", "data.batch_size=16", "data.shots=10",
+        "data.split={kind: fraction, train: 0.6, val: 0.2, test: 0.2, seed: 0}",
+        "data.synthetic={patients: 240, images_per_patient: 2, images_per_patient_max: 10, size: [48, 48], "
+        "magnifications: [40], seed: 0}", "model.name=resnet8",
+        f"teachers=[{{name: resnet20, checkpoint: {hist}/teachers/teacher_resnet20/model.pt}}]",
+        "optimizer.name=sgd", "optimizer.lr=0.05", "optimizer.momentum=0.9", "optimizer.nesterov=true",
+        "optimizer.weight_decay=5e-4", "schedule.name=cosine", "trainer.steps=300", "trainer.eval_every_steps=20",
+        "trainer.precision=fp32", f"method={{name: {method}}}"]
+    return load_config(None, base + quiet(out, name, seed) + extra)
 
 
 def run(cfg) -> dict:
@@ -111,7 +116,10 @@ def run(cfg) -> dict:
     if done:
         text = saved.read_text()
         old = yaml.safe_load(text[text.index("\nname:"):] if text.startswith("#") else text)
-        done = old["method"] == cfg.model_dump(mode="json")["method"]
+        now = cfg.model_dump(mode="json")["method"]
+        defaults = type(cfg.method)().model_dump(mode="json")
+        # a key added to the method after the run was made counts as its default
+        done = all(old["method"].get(k, defaults.get(k)) == v for k, v in now.items())
     if not done:
         try:
             execute(cfg, overwrite=True)
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--root", type=Path, default=Path("/work/cache/digits"), help="digits data + teachers")
+    p.add_argument("--histology", type=Path, default=ROOT / "runs" / "histology",
+                   help="synthetic histology data + teachers of benchmarks/fewshot.py")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "atf_tuning")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     t0, rows = time.perf_counter(), {}
     for bench in args.bench:
         for variant in args.variants:
-            got = [run(config(bench, variant, s, args.root, args.out)) for s in args.seeds]
+            got = [run(config(bench, variant, s, args.root, args.out, args.histology)) for s in args.seeds]
             values = [g["val"] for g in got]
             ok = [v for v in values if v is not None]
             rows[(bench, variant)] = {
@@ -147,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sd": statistics.stdev(ok) if len(ok) > 1 else None,
                 "steps": sorted({g["steps"] for g in got if g["steps"] is not None}),
                 "teacher_val_after": [g["teacher_val_after"] for g in got],
-                "diverged": sum(g["diverged"] for g in got)}
+                "diverged": sum(g["diverged"] for g in got), "command": command}
             print(f"{bench} {variant}: {values}", flush=True)
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
     rows = {**{(r["bench"], r["variant"]): r for r in old["rows"]}, **rows}

@@ -326,6 +326,45 @@ def section_graft_digits(d: dict[str, Any]) -> str:
     ])
 
 
+def section_atf_tuning(d: dict[str, Any]) -> str:
+    """ATF few-labels design study (issue 12): validation accuracy per variant; also written into
+    docs/methods/atf.md between its ``atf_tuning`` markers."""
+    rows = sorted(d["rows"], key=lambda r: (r["bench"], r["order"]))
+    benches = list(dict.fromkeys(r["bench"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in sorted(rows, key=lambda r: r["order"])))
+    by = {(r["bench"], r["variant"]): r for r in rows}
+    what = {r["variant"]: r["what"] for r in rows}
+
+    def cell(b: str, v: str) -> str:
+        r = by.get((b, v))
+        if r is None:
+            return "-"
+        n = len(r["values"])
+        if r["mean"] is None:
+            return f"diverged ({r['diverged']}/{n})"
+        text = f"{pct(r['mean'], r['sd'] or 0.0)}"
+        if r["diverged"]:
+            text += f", {r['diverged']}/{n} diverged"
+        teacher = [t for t in r.get("teacher_val_after", []) if t is not None]
+        if teacher:
+            text += f" (teacher {100 * min(teacher):.0f}-{100 * max(teacher):.0f})"
+        return text
+
+    steps = sorted({s for r in rows for s in r["steps"]})
+    return "\n".join([
+        "## ATF with few labels: design study (issue 12)", "",
+        f"VALIDATION accuracy (%) of the validation-selected student, mean ± sd over seeds "
+        f"{', '.join(map(str, rows[0]['seeds']))} (the seed also draws the shots); in brackets the adapted "
+        f"teacher's validation accuracy at the selected checkpoint (min-max over seeds). digits: 5 shots per "
+        f"class, resnet20 teacher (98.3% val), resnet8 student, batch 25; synthetic: the histology study's data "
+        f"(240 synthetic patients, patient split), its resnet20 teacher (89.7% val), 10 shots per class, batch 16. "
+        f"Optimizer steps per run: {'/'.join(map(str, steps))}. Test accuracy was not read. "
+        "Commands: " + ", ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", d["command"]) for r in rows))
+        + f" (revision {d['revision'][:10]}; a finished run is reused).", "",
+        table(["variant", "what"] + benches, [[f"`{v}`", what[v]] + [cell(b, v) for b in benches] for v in variants]),
+    ])
+
+
 def write_between_markers(path: Path, name: str, text: str) -> None:
     """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
@@ -346,6 +385,7 @@ SECTIONS: list[tuple[str, Callable[[Any], str]]] = [
     ("fewshot", section_fewshot),
     ("graft_digits", section_graft_digits),
     ("atf", section_atf),
+    ("atf_tuning", section_atf_tuning),
     ("latency", section_latency),
     ("vs_torchdistill", section_vs_torchdistill),
     ("inference_speed", section_inference),
@@ -368,6 +408,10 @@ def main() -> None:
     if missing:
         parts += ["## Not measured", "", "No results yet for: " + ", ".join(missing) + ".", ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+    tuning = load("atf_tuning")
+    if tuning is not None:  # the ATF design study's table also lives in the method's page
+        write_between_markers(ROOT / "docs" / "methods" / "atf.md", "atf_tuning",
+                              section_atf_tuning(tuning).split("\n", 2)[2])
     study = load("graft_digits")
     if study is not None:  # the design study's table also lives in the method's page
         write_between_markers(ROOT / "docs" / "methods" / "graft.md", "graft_digits",
