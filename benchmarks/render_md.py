@@ -183,9 +183,12 @@ def bar_checks(d: dict[str, Any], shots: int) -> list[str]:
 def section_fewshot_digits(d: dict[str, Any]) -> str:
     return "\n".join([
         "## Few-shot distillation on real images: handwritten digits (issue 12)", "",
-        "scikit-learn's 1,797 handwritten digits at 32 px (`benchmarks/digits_data.py`): fixed test set of 600 "
-        "and validation set of 300 images, teachers resnet20 and resnet8x4 trained on the other 897; student "
-        "resnet8 on N labelled images per class drawn with each seed. " + study_caption(d), "",
+        "scikit-learn's 1,797 handwritten digits at 32 px (`benchmarks/digits_data.py`): fixed, class-stratified "
+        "test and validation sets, teachers resnet20 and resnet8x4 trained on the rest; student resnet8 on N "
+        "labelled images per class drawn with each seed. Methods in their presets (`benchmarks/studies/"
+        "fewshot_digits.yaml`): kd from the best teacher on validation, mt_kd from the mean of both, grafting "
+        "with NetGraft's batch rule (int(64 N/10)), every other method batch 16; atf adapts the best teacher's "
+        "head. " + study_caption(d), "",
         study_table(d), "", "The bar of issue 12 at 5 shots (computed from these rows):", "",
         *bar_checks(d, 5),
     ])
