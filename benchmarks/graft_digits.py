@@ -66,6 +66,9 @@ VARIANTS: dict[str, list[str]] = {
                              "method.stage1.target=host"],
     # host loss plus fused KD
     "host_kd0.1": ["method.target=host", "method.kd_weight=0.1"],
+    # fused logits in NetGraft's loss plus fused KD
+    "fused_nmean_kd1": ["method.target=fused", "method.fused_loss=nlmse", "method.fused_logits=normalized_mean",
+                        "method.kd_weight=1.0"],
     "host_kd1": ["method.target=host", "method.kd_weight=1.0"],
 }
 
@@ -77,13 +80,14 @@ WHAT = {
     "mt_kd_acc": "multi-teacher KD, accuracy fusion (tau 0.05)",
     "host": "graft, NetGraft loss (normalised-logit MSE) to the host's logits",
     "fused_kl": "graft, T^2 KL to the fused probabilities (the old `fused`)",
-    "fused_nlmse_nmean": "graft, normalised-logit MSE to sum_k w_k z_k/||z_k||",
+    "fused_nlmse_nmean": "graft, normalised-logit MSE to sum_k w_k z_k / norm(z_k)",
     "fused_nlmse_mean": "graft, normalised-logit MSE to sum_k w_k z_k",
     "fused_nlmse_logp": "graft, normalised-logit MSE to T log p_fused (centred)",
     "s1host_s2fused_kl": "graft, stage 1 host NLMSE, stage 2 fused KL",
     "s1host_s2fused_nmean": "graft, stage 1 host NLMSE, stage 2 NLMSE to sum_k w_k z_k/||z_k||",
     "host_kd0.1": "graft, host NLMSE + 0.1 fused KL",
     "host_kd1": "graft, host NLMSE + 1.0 fused KL",
+    "fused_nmean_kd1": "graft, NLMSE to sum_k w_k z_k / norm(z_k) + 1.0 fused KL",
 }
 
 

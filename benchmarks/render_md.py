@@ -304,6 +304,16 @@ def section_demo(d: dict[str, Any]) -> str:
 def section_graft_digits(d: dict[str, Any]) -> str:
     """Grafting design study (issue 12): validation accuracy per variant; also written into
     docs/methods/graft.md between its ``graft_digits`` markers."""
+    return section_graft_study(d, "real digits", "scikit-learn digits at 32 px, teachers resnet20 and resnet8x4")
+
+
+def section_graft_histology(d: dict[str, Any]) -> str:
+    return section_graft_study(d, "synthetic histology", "synthetic histology (binary; the study "
+                                                          "benchmarks/studies/fewshot_histology.yaml), teachers "
+                                                          "resnet20 and resnet32")
+
+
+def section_graft_study(d: dict[str, Any], where: str, setting: str) -> str:
     rows = d["rows"]
     shots = sorted({r["shots"] for r in rows})
     variants: list[str] = []
@@ -319,9 +329,9 @@ def section_graft_digits(d: dict[str, Any]) -> str:
 
     steps = sorted({s for r in rows for s in r["steps"]})
     return "\n".join([
-        "## Grafting onto fused multi-teacher targets: design study on real digits (issue 12)", "",
+        f"## Grafting onto fused multi-teacher targets: design study on {where} (issue 12)", "",
         f"VALIDATION accuracy (%) of the validation-selected student, mean ± sd over seeds (n = seeds; the "
-        f"seed also draws the shots); scikit-learn digits at 32 px, teachers resnet20 and resnet8x4, student "
+        f"seed also draws the shots); {setting}, student "
         f"resnet8, {'/'.join(map(str, steps))} optimizer steps per run. Test accuracy was not read. "
         f"Command: `{d['command']}` (revision {d['revision'][:10]}).", "",
         table(["variant", "what"] + [f"{n} shots/class" for n in shots],
@@ -387,6 +397,7 @@ SECTIONS: list[tuple[str, Callable[[Any], str]]] = [
     ("fewshot_digits", section_fewshot_digits),
     ("fewshot", section_fewshot),
     ("graft_digits", section_graft_digits),
+    ("graft_histology", section_graft_histology),
     ("atf", section_atf),
     ("atf_tuning", section_atf_tuning),
     ("latency", section_latency),
@@ -415,10 +426,10 @@ def main() -> None:
     if tuning is not None:  # the ATF design study's table also lives in the method's page
         write_between_markers(ROOT / "docs" / "methods" / "atf.md", "atf_tuning",
                               section_atf_tuning(tuning).split("\n", 2)[2])
-    study = load("graft_digits")
-    if study is not None:  # the design study's table also lives in the method's page
-        write_between_markers(ROOT / "docs" / "methods" / "graft.md", "graft_digits",
-                              section_graft_digits(study).split("\n", 2)[2])
+    for name, render in (("graft_digits", section_graft_digits), ("graft_histology", section_graft_histology)):
+        study = load(name)
+        if study is not None:  # the design study's tables also live in the method's page
+            write_between_markers(ROOT / "docs" / "methods" / "graft.md", name, render(study).split("\n", 2)[2])
 
 
 if __name__ == "__main__":
