@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "atf.json")
     args = p.parse_args(argv)
     command = shlex.join(["python", "benchmarks/atf.py", *(sys.argv[1:] if argv is None else argv)])
-    studies = json.loads(args.out.read_text()).get("studies", {}) if args.only and args.out.is_file() else {}
+    previous = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
+    studies = previous.get("studies", {}) if isinstance(previous, dict) else {}  # (older layout: a list)
     if args.only in (None, "digits"):
         fewshot_digits.prepare_all(args.digits_root)
         studies["digits"] = compare(Path("benchmarks/studies/atf_digits.yaml"),

@@ -202,9 +202,10 @@ def section_fewshot(d: Any) -> str:
     sds = [r["sd"] for r in d["rows"] if not r.get("reference") and r.get("sd") is not None]
     return "\n".join([
         "## Few-shot distillation on synthetic histology (issue 12)", "",
-        "Synthetic H&E-like histology, binary task, patient split fixed by split seed 0; patients have 2 to 10 "
-        "images each, so the patient recognition rate (mean over patients of their image accuracy) differs from "
-        "image accuracy. " + study_caption(d), "",
+        "Synthetic H&E-like histology (`benchmarks/studies/fewshot_histology.yaml`), binary task, 240 patients "
+        "with 2 to 10 images each, patient split fixed by split seed 0, teachers resnet20 and resnet32 trained on "
+        "the whole train split; the patient recognition rate (mean over patients of their image accuracy) "
+        "differs from image accuracy. Same method presets as on digits. " + study_caption(d), "",
         study_table(d), "",
         f"Largest sd over seeds: {100 * max(sds):.1f} points (bar: every row ≤ 3)." if sds else "",
     ])
@@ -215,7 +216,7 @@ def section_atf(d: Any) -> str:
         return "\n".join(["## Adaptive Teacher Finetune (older layout)", "",
                           table(["method", "test accuracy"], [[r["method"], pct(r["mean"], r["sd"])] for r in d])])
     parts = ["## Adaptive Teacher Finetune against offline, offline-joint and online (issue 12)", "",
-             f"Command: `{d['command']}` (code revision `{d['revision'][:12]}`). One study per data set, sharing the "
+             f"One study per data set (each with its command and code revision below), sharing the "
              f"few-shot study's runs: `atf`, `offline_joint` and `online` are ATF's few-shot preset in those modes; "
              f"`kd` is offline KD (the same frozen teacher and student loss, ATF's `offline` mode); same student, "
              f"same step budget.", ""]
