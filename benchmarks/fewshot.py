@@ -2,9 +2,9 @@
 
     python benchmarks/fewshot.py [--root runs/histology] [--jobs 2] [overrides of the study ...]
 
-From scratch: generates the synthetic tree of ``benchmarks/studies/fewshot_histology.yaml`` (240
-patients with 2..10 images each, so patient recognition rate and image accuracy differ; 48 test
-patients), trains its teachers (resnet20, resnet32) on the whole train split, then runs the study
+From scratch: generates the synthetic tree of ``benchmarks/studies/fewshot_histology.yaml`` (800
+patients with 2..10 images each, so patient recognition rate and image accuracy differ; 160 test
+patients, about 950 test images), trains its teachers (resnet20, resnet32) on the whole train split, then runs the study
 through ``graftkd compare`` (6 methods x 5 and 10 shots x 5 seeds, one optimiser-step budget) and
 writes ``benchmarks/results/fewshot.json`` (rows ``{method, shots, seeds, values, mean, sd, steps,
 patient_recognition_rate}``, with the code revision and the command).
