@@ -30,6 +30,7 @@ from digits_data import data_overrides  # noqa: E402
 
 from graftkd.config import load_config  # noqa: E402
 from graftkd.experiment import execute, read_metrics  # noqa: E402
+from graftkd.files import atomic_write_json  # noqa: E402
 from graftkd.runtime import cpu_native_bf16  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
            "reused_runs": reused, "rows": rows, "bf16_vs_fp32": verdict}
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "precision.json").write_text(json.dumps(out, indent=1) + "\n")
+    atomic_write_json(results / "precision.json", out)
     print(json.dumps(verdict, indent=1))
     return 0
 
