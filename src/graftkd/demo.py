@@ -26,9 +26,9 @@ def load_demo_spec(quick: bool) -> dict[str, Any]:
     if quick:
         spec["base"] = deep_merge(spec["base"], q["base"])
         spec["student_shots"], spec["student_steps"] = q["student_shots"], q["student_steps"]
-    for stage in spec["students"].values():  # one optimiser-step budget for every student
+    for stage in spec["students"].values():  # one optimiser-step budget and precision for every student
         trainer = stage.setdefault("trainer", {})
-        trainer.update(steps=spec["student_steps"], epochs=None,
+        trainer.update(steps=spec["student_steps"], epochs=None, precision=spec["student_precision"],
                        eval_every_steps=max(1, spec["student_steps"] // 8))
     return spec
 

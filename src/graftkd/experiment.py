@@ -28,7 +28,7 @@ from graftkd.errors import UserError
 from graftkd.eval.metrics import score_split
 from graftkd.files import atomic_write_json, atomic_write_text
 from graftkd.methods import METHODS  # the package: importing it registers every method
-from graftkd.runtime import resolve_device, resolve_precision, seed_everything
+from graftkd.runtime import derived_seed, resolve_device, resolve_precision, seed_everything
 
 
 def aside_path(run_dir: Path) -> Path:
@@ -179,12 +179,27 @@ def preflight(cfg: ExperimentConfig, resume: bool, overwrite: bool, *, is_main: 
     return data
 
 
+#: derived-seed stream of the students' initial weights
+STUDENT_INIT_STREAM = 29
+
+
 def build_student_factory(cfg: ExperimentConfig, num_classes: int):
+    """``build()``: a fresh student. Its initial weights depend only on ``cfg.seed`` and on how many
+    students this factory has built (own RNG stream, global RNG untouched), not on what a method
+    builds before it (teachers, peers): for one seed every method starts from the same student, so
+    differences between methods are paired (common random numbers)."""
     from graftkd.models import create_model
 
+    built = 0
+
     def build() -> nn.Module:
+        nonlocal built
         m = cfg.model
-        return create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, checkpoint=m.checkpoint, **m.kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(cfg.seed, STUDENT_INIT_STREAM, built))
+            built += 1
+            return create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, checkpoint=m.checkpoint,
+                                **m.kwargs)
 
     return build
 

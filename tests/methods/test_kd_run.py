@@ -38,3 +38,22 @@ def test_multi_teacher_kd_run_with_cache(tmp_path):
     model = torch.load(run / "model.pt", weights_only=True)["state_dict"]
     assert not any("teacher" in k or k.startswith("targets") for k in model)
     assert set(model) == set(torch.load(teacher / "model.pt", weights_only=True)["state_dict"])
+
+
+def test_every_method_starts_from_the_same_student_for_one_seed():
+    from graftkd.experiment import build_student_factory
+
+    cfg = validate_config({"seed": 3, "name": "s", "model": {"name": "resnet8"},
+                           "data": {"source": "synthetic"}})
+    first = build_student_factory(cfg, 2)()
+    torch.manual_seed(123)
+    torch.randn(1000)  # a method that builds teachers first draws from the global RNG
+    state = torch.random.get_rng_state()
+    again = build_student_factory(cfg, 2)
+    a, b = again(), again()
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global stream is left alone
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, a.state_dict()[k]), k
+    assert not torch.equal(a.conv1.weight, b.conv1.weight)  # a second student (DML peer) is another draw
+    other = build_student_factory(validate_config({**cfg.model_dump(mode="json"), "seed": 4}), 2)()
+    assert not torch.equal(a.conv1.weight, other.conv1.weight)
