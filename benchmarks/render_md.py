@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Callable
 
@@ -225,6 +226,37 @@ def section_atf(d: Any) -> str:
     return "\n".join(parts)
 
 
+def paired_validation_table(study: dict[str, Any]) -> str:
+    """Validation accuracy per method of a compare JSON, with per-seed differences to its baseline
+    (the runs share the seed's shots, batches and initial student, so the difference is paired)."""
+    rows = [r for r in study["rows"] if len(r.get("val", {}).get("values", [])) == len(r.get("seeds", [])) > 1]
+    base = next(r for r in rows if r["method"] == study["baseline"])
+    out = []
+    for r in rows:
+        v = r["val"]["values"]
+        d = [100 * (a - b) for a, b in zip(v, base["val"]["values"])]
+        delta = "baseline" if r is base else f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f} " \
+                                             f"({sum(x > 0 for x in d)} up, {sum(x < 0 for x in d)} down)"
+        out.append([f"`{r['method']}`", pct(statistics.mean(v), statistics.stdev(v)),
+                    ", ".join(f"{100 * x:.1f}" for x in v), delta, r["steps"]])
+    return table(["variant", "validation accuracy % (mean ± sd)", "per seed", "paired Δ to kd (pts, mean ± sd)",
+                  "steps"], out)
+
+
+def section_atf_tuning_paired(d: dict[str, Any]) -> str:
+    parts = ["## ATF with few labels: paired validation check of the preset (issue 12)", "",
+             "VALIDATION accuracy of the validation-selected student (test accuracy is in the JSON but was not "
+             "used to choose). Each study shares the few-shot study's folder, data, teachers, seeds and step "
+             "budget; every run of one seed starts from the same student weights, so `atf_offline` (ATF with a "
+             "frozen teacher) is `kd` exactly and each Δ measures the teacher's adaptation alone. "
+             f"Command: `{d['command']}` (revision {d['revision'][:10]}).", ""]
+    for name, study in d["studies"].items():
+        parts += [f"### {name}", "", f"{study['study']}: shots {', '.join(map(str, study['shots']))}, seeds "
+                  f"{', '.join(map(str, study['seeds']))} (code {study['code'][:10]}).", "",
+                  paired_validation_table(study), ""]
+    return "\n".join(parts)
+
+
 def section_latency(d: dict[str, Any]) -> str:
     rows = [[name, f"{100 * v['val_acc']:.2f}", f"{100 * v['test_acc']:.2f}", f"{v['params']:,}", f"{v['macs'] / 1e6:.1f}",
              f"{v['size_bytes'] / 1e6:.2f}", v["ms_b1"], v["ms_b64"]] for name, v in d["networks"].items()]
@@ -401,6 +433,7 @@ SECTIONS: list[tuple[str, Callable[[Any], str]]] = [
     ("graft_histology", section_graft_histology),
     ("atf", section_atf),
     ("atf_tuning", section_atf_tuning),
+    ("atf_tuning_paired", section_atf_tuning_paired),
     ("latency", section_latency),
     ("vs_torchdistill", section_vs_torchdistill),
     ("inference_speed", section_inference),
