@@ -57,6 +57,17 @@ def summarise(values: list[float]) -> dict[str, float]:
             "sd": round(statistics.stdev(values), 5) if len(values) > 1 else 0.0}
 
 
+def paired_ci95(diff: list[float]) -> list[float] | None:
+    """Student-t 95% interval of the mean of the per-seed paired differences (None with < 2 seeds)."""
+    if len(diff) < 2:
+        return None
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(diff) - 1) * statistics.stdev(diff) / len(diff) ** 0.5
+    mean = statistics.fmean(diff)
+    return [round(mean - half, 3), round(mean + half, 3)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=Path("/work/cache/digits"))
@@ -104,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         gap = 100 * (statistics.fmean(r["test_acc"] for r in bf) - statistics.fmean(r["test_acc"] for r in fp))
         verdict[method] = {"bf16_minus_fp32_test_pts": round(gap, 3), "paired_diff_pts": [round(d, 3) for d in diff],
                            "paired_diff_sd_pts": round(statistics.stdev(diff), 3) if len(diff) > 1 else 0.0,
+                           "paired_diff_ci95_pts": paired_ci95(diff),
                            "within_0_5_pts": abs(gap) <= 0.5,
                            "time_ratio_fp32_over_bf16": round(
                                sum(r["train_seconds"] for r in fp) / sum(r["train_seconds"] for r in bf), 3)}

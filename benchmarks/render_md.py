@@ -87,7 +87,9 @@ def section_precision(d: dict[str, Any]) -> str:
                "fp32 time / bf16 time"], rows),
         "", "Within 0.5 points: " + "; ".join(
             f"{m} {'yes' if v['within_0_5_pts'] else 'NO'} ({v['bf16_minus_fp32_test_pts']:+.2f}, sd of the paired "
-            f"per-seed differences {v['paired_diff_sd_pts']:.2f})" for m, v in d["bf16_vs_fp32"].items())
+            f"per-seed differences {v['paired_diff_sd_pts']:.2f}"
+            + (f", 95% interval of the mean [{v['paired_diff_ci95_pts'][0]:+.2f}, {v['paired_diff_ci95_pts'][1]:+.2f}]"
+               if v.get("paired_diff_ci95_pts") else "") + ")" for m, v in d["bf16_vs_fp32"].items())
         + (f". {d['reused_runs']} of the runs were re-used from an earlier invocation of the same settings "
            f"(the script re-uses finished runs)." if d.get("reused_runs") else "."),
     ])

@@ -46,11 +46,15 @@ def test_cifar100_presets_reproduce_mdistiller(pair, teacher, student, beta):
 
 def test_few_shot_atf_presets_share_the_few_shot_defaults():
     """configs/digits/atf.yaml and configs/synthetic/atf.yaml carry the same ATF method section, whose
-    student loss is the `kd` method's (mode=offline minimises the same loss) and only the teacher's head adapts."""
+    student loss is the `kd` method's (mode=offline minimises the same loss), only the teacher's head
+    adapts, and only in the second half of the budget (steps in one, epochs in the other)."""
     from graftkd.methods.kd import KDMethod
 
     digits, synthetic = load_config(CONFIGS / "digits/atf.yaml"), load_config(CONFIGS / "synthetic/atf.yaml")
-    assert digits.method == synthetic.method
+    warmup = {"warmup_epochs", "warmup_steps"}
+    assert digits.method.model_dump(exclude=warmup) == synthetic.method.model_dump(exclude=warmup)
+    assert (digits.method.warmup_epochs, 2 * digits.method.warmup_steps) == (0, digits.trainer.steps)
+    assert (2 * synthetic.method.warmup_epochs, synthetic.method.warmup_steps) == (synthetic.trainer.epochs, None)
     m, kd = digits.method, KDMethod()
     assert (m.temperature, m.ce_weight, m.kd_weight, m.standardize, m.divergence) == \
            (kd.temperature, kd.ce_weight, kd.kd_weight, kd.standardize, kd.divergence)
