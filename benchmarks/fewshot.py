@@ -5,9 +5,11 @@
 From scratch: generates the synthetic tree of ``benchmarks/studies/fewshot_histology.yaml`` (800
 patients with 2..10 images each, so patient recognition rate and image accuracy differ; 160 test
 patients, about 950 test images), trains its teachers (resnet20, resnet32) on the whole train split, then runs the study
-through ``graftkd compare`` (6 methods x 5 and 10 shots x 5 seeds, one optimiser-step budget) and
+through ``graftkd compare`` (6 methods x 25 shots x 5 seeds, one optimiser-step budget) and
 writes ``benchmarks/results/fewshot.json`` (rows ``{method, shots, seeds, values, mean, sd, steps,
-patient_recognition_rate}``, with the code revision and the command).
+patient_recognition_rate}``, with the code revision and the command). The 10-shot table:
+
+    python benchmarks/fewshot.py --results benchmarks/results/fewshot_10shot.json 'shots=[10]'
 """
 from __future__ import annotations
 
