@@ -349,9 +349,11 @@ def section_demo(d: dict[str, Any]) -> str:
         f"including data generation, 3 teachers, 5 students, latency profiling, ONNX export and the reports. "
         f"Students see 12 labelled images per class; best student on validation: {d['best_student']}.", "",
         table(["model", "val acc", "test acc", "test patient RR", "params", "CPU ms (b=1)", "CPU ms (b=64)"], rows),
-        "", "One seed: read it as a demonstration of the pipeline, not as a comparison of methods (the tables "
-            "below, with 3 seeds, are). Patient recognition rate equals image accuracy here because every "
-            "synthetic patient has the same number of images; on BreakHis they differ.",
+        *(["", "Students by test accuracy: " + " > ".join(d["ranking_by_test"])
+            + (f" ({d['student_steps']} optimiser steps each)." if d.get("student_steps") else ".")]
+          if d.get("ranking_by_test") else []),
+        "", "One seed: read it as a demonstration of the pipeline, not as a comparison of methods (the few-shot "
+            "studies below, with 5 seeds, are). The figures are the demo's own `runs/demo/summary.json`.",
     ])
 
 
