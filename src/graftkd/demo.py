@@ -26,6 +26,7 @@ def load_demo_spec(quick: bool) -> dict[str, Any]:
     if quick:
         spec["base"] = deep_merge(spec["base"], q["base"])
         spec["student_shots"], spec["student_steps"] = q["student_shots"], q["student_steps"]
+        spec["students"] = deep_merge(spec["students"], q.get("students", {}))
     for stage in spec["students"].values():  # one optimiser-step budget and precision for every student
         trainer = stage.setdefault("trainer", {})
         trainer.update(steps=spec["student_steps"], epochs=None, precision=spec["student_precision"],
