@@ -209,10 +209,10 @@ def section_fewshot_10shot(d: Any) -> str:
     rows = [r for r in d["rows"] if not r.get("reference") and r.get("sd") is not None]
     scratch = next(r for r in rows if r["method"] == "scratch")
     distilled = max(r["sd"] for r in rows if r is not scratch)
-    note = (f"The same study at 10 labelled images per class (20 in all): the largest sd of a distilled student is "
-            f"{100 * distilled:.1f} points, but the student trained from scratch on 20 images has sd "
-            f"{100 * scratch['sd']:.1f} (worst seed {100 * min(scratch['values']):.1f}%), so the study's setting "
-            f"is the one above, with more labels.")
+    note = (f"The same study at 10 labelled images per class (20 in all, `benchmarks/results/fewshot_10shot.json`): "
+            f"the largest sd of a distilled student is {100 * distilled:.1f} points, but the student trained from "
+            f"scratch on 20 images has sd {100 * scratch['sd']:.1f} (worst seed {100 * min(scratch['values']):.1f}%); "
+            f"that is why the study above uses 25 shots.")
     return section_fewshot_at(d, "### The same study at 10 shots per class", note)
 
 
