@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_inference_speed")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "inference_speed.json")
     args = p.parse_args(argv)
+    from graftkd.files import atomic_write_json
+    from graftkd.study import code_revision
+
     command = ("python benchmarks/inference_speed.py " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
     print(f"$ {command}", flush=True)
 
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "macs": count_macs(teachers, args.image_size)}},
         "export": {"seconds": round(export_s, 1), "onnx_check": card.get("onnx_check"),
                    "max_abs_diff_onnx_vs_torch": diff},
-        "context": {"command": command, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+        "context": {"command": command, "revision": code_revision()["commit"], "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                     "threads": args.threads, "image_size": args.image_size, "num_classes": args.num_classes,
                     "repeats": args.repeats, "min_time_s": args.min_time,
                     "load_average_1min": {"min": round(min(loads), 2), "median": round(statistics.median(loads), 2),
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                     "note": "medians over interleaved rounds; speedup = median of per-round ratios"},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
 
     label = {"student_onnxruntime": f"student {STUDENT}, exported ONNX, onnxruntime {onnxruntime.__version__}",
              "student_torch_fp32": f"student {STUDENT}, PyTorch eager fp32",

@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r}{' (warm-up)' if not r else ''} {name}: {seconds:.2f} s/epoch", file=sys.stderr, flush=True)
 
     ratios = {n: statistics.median(t / s for t, s in zip(times[n], times["student"])) for n in names}
+    from graftkd.study import code_revision
+
     command = "python benchmarks/multi_teacher.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     result = {
         "student_s_per_epoch": statistics.median(times["student"]),
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_cached_k4": ratios["cached_k4"],
         "cache_build_s": build_s,
         "context": {
-            "command": command.strip(),
+            "command": command.strip(), "revision": code_revision()["commit"],
             "student": args.student, "teachers": TEACHERS, "image_size": args.image_size,
             "train_images": len(data.train), "batch_size": args.batch_size, "views": args.views,
             "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,

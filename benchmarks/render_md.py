@@ -28,6 +28,11 @@ def pct(mean: float, sd: float) -> str:
     return f"{100 * mean:.1f} ± {100 * sd:.1f}"
 
 
+def revision_text(d: dict[str, Any]) -> str:
+    """`` (revision abcdef1234)`` when the results record the commit that made them, else nothing."""
+    return f" (revision {d['revision'][:10]})" if d.get("revision") else ""
+
+
 def seeds_text(seeds: int | list[int]) -> str:
     return f"{seeds} seeds" if isinstance(seeds, int) else f"seeds {', '.join(map(str, seeds))}"
 
@@ -99,7 +104,7 @@ def section_multi_teacher(d: dict[str, Any]) -> str:
     c = d["context"]
     return "\n".join([
         "## Cost of K teachers, live and cached (issue 4)", "",
-        f"Command: `{c['command']}`. Student {c['student']}, teachers {', '.join(c['teachers'])}, "
+        f"Command: `{c['command']}`{revision_text(c)}. Student {c['student']}, teachers {', '.join(c['teachers'])}, "
         f"{c['train_images']} training images at {c['image_size']} px, batch {c['batch_size']}, "
         f"{c['threads']} thread(s), {c['views']} cached views, {c['repeats']} interleaved rounds (median of per-round ratios).", "",
         table(["variant", "seconds/epoch (ratio to the student alone)"], [
@@ -308,7 +313,7 @@ def section_vs_torchdistill(d: dict[str, Any]) -> str:
     c = d["context"]
     return "\n".join([
         "## One KD epoch against torchdistill (issue 9)", "",
-        f"Command: `{c['command']}`. {c['teacher']} -> {c['student']}, {c['num_classes']} classes, "
+        f"Command: `{c['command']}`{revision_text(c)}. {c['teacher']} -> {c['student']}, {c['num_classes']} classes, "
         f"{c['train_images']} CIFAR-shaped images, batch {c['batch_size']}, {c['threads']} thread(s) in both, same "
         f"augmentation; torchdistill {c['torchdistill']} and graftkd measured in one run, interleaved.", "",
         table(["variant", "images/s", "ratio to torchdistill"], [
@@ -331,7 +336,7 @@ def section_inference(d: dict[str, Any]) -> str:
     ctx = d.get("context", {})
     return "\n".join([
         "## Inference: exported student (onnxruntime) vs PyTorch vs the teacher ensemble (issue 9)", "",
-        f"Command: `{ctx.get('command', 'python benchmarks/inference_speed.py')}`. "
+        f"Command: `{ctx.get('command', 'python benchmarks/inference_speed.py')}`{revision_text(ctx)}. "
         + context_line(ctx, ["student", "teachers", "image_size", "threads"]), "",
         table(["network / runtime"] + [f"images/s, {b} (speed-up vs ensemble)" for b in batches], rows),
     ])
@@ -345,7 +350,7 @@ def section_demo(d: dict[str, Any]) -> str:
              f(r["params"], ","), f(r["ms_b1"], ".2f"), f(r["ms_b64"], ".1f")] for r in d["rows"]]
     return "\n".join([
         "## The demo (`make demo`)", "",
-        f"Command: `{d['command']}` on the embedded synthetic histology: {d['seconds']:.0f} s wall on the 2 cores, "
+        f"Command: `{d['command']}`{revision_text(d)} on the embedded synthetic histology: {d['seconds']:.0f} s wall on the 2 cores, "
         f"including data generation, 3 teachers, 5 students, latency profiling, ONNX export and the reports. "
         f"Students see 12 labelled images per class; best student on validation: {d['best_student']}.", "",
         table(["model", "val acc", "test acc", "test patient RR", "params", "CPU ms (b=1)", "CPU ms (b=64)"], rows),
@@ -353,7 +358,7 @@ def section_demo(d: dict[str, Any]) -> str:
             + (f" ({d['student_steps']} optimiser steps each)." if d.get("student_steps") else ".")]
           if d.get("ranking_by_test") else []),
         "", "One seed: read it as a demonstration of the pipeline, not as a comparison of methods (the few-shot "
-            "studies below, with 5 seeds, are). The figures are the demo's own `runs/demo/summary.json`.",
+            "studies below, with 5 seeds, are). The figures are the demo's own `summary.json`, kept with the command and revision by `benchmarks/demo.py`.",
     ])
 
 

@@ -416,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(args.worker, json.loads(args.worker_args))
 
     raw_argv = argv if argv is not None else sys.argv[1:]
+    from graftkd.files import atomic_write_json
+    from graftkd.study import code_revision
+
     command = ("python benchmarks/vs_torchdistill.py " + shlex.join(raw_argv)).strip()
     print(f"$ {command}", flush=True)
     import torch
@@ -482,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios_vs_torchdistill": {n: ratio(n, "td_fp32") for n in med if n.startswith("gk_") and n != "gk_data"},
         "data_pipeline_ratio": ratio("gk_data", "td_data"),
         "context": {
-            "command": command, "torchdistill": td_version, "torch": torch.__version__,
+            "command": command, "revision": code_revision()["commit"], "torchdistill": td_version, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "python": platform.python_version(),
             "teacher": TEACHER, "student": STUDENT, "num_classes": NUM_CLASSES,
             "train_images": args.train_images, "batch_size": args.batch_size, "threads": args.threads,
@@ -501,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
 
     label = {"td_fp32": f"torchdistill {td_version}, fp32 (documented for vision)",
              "gk_fp32": "graftkd, fp32 (like for like)", "gk_bf16": "graftkd, bf16 autocast",
