@@ -25,7 +25,6 @@ import argparse
 import csv
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from graftkd.study import code_revision
 from graftkd.config import load_config
 from graftkd.engine.trainer import TrainingDiverged
 from graftkd.experiment import execute, read_metrics
@@ -77,7 +77,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
 
 
 def revision() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return code_revision()["commit"]
 
 
 def quiet(out: Path, name: str, seed: int) -> list[str]:

@@ -24,7 +24,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from graftkd.study import code_revision
 from graftkd.config import SyntheticConfig
 from graftkd.data.breakhis import read_breakhis
 from graftkd.data.datasets import FileDataset
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     command = " ".join(["python benchmarks/data_throughput.py", *(argv if argv is not None else sys.argv[1:])])
-    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    revision = code_revision()["commit"]
     syn = SyntheticConfig(patients=args.patients, images_per_patient=args.images_per_patient, size=(700, 460), seed=0)
     t = time.perf_counter()
     tree = ensure_tree(args.work / tree_key(syn), syn)

@@ -20,13 +20,13 @@ import argparse
 import csv
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from graftkd.study import code_revision
 from graftkd.config import load_config
 from graftkd.files import atomic_write_json
 from graftkd.experiment import execute, read_metrics
@@ -92,7 +92,7 @@ WHAT = {
 
 
 def revision() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return code_revision()["commit"]
 
 
 def overrides(variant: str, shots: int, seed: int, root: Path, out: Path) -> list[str]:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from graftkd.study import code_revision
 from graftkd.experiment import execute, read_metrics
 from graftkd.files import atomic_write_json
 from graftkd.study import build_jobs, load_study
@@ -53,7 +53,7 @@ WHAT = {
 
 
 def revision() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return code_revision()["commit"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,13 +22,13 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from graftkd.study import code_revision
 from graftkd.config import load_config
 from graftkd.eval.latency import count_macs, measure_latency, size_on_disk
 from graftkd.experiment import execute, read_metrics
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "latency.json")
     args = p.parse_args(argv)
     command = " ".join(["python benchmarks/latency.py", *(sys.argv[1:] if argv is None else argv)])
-    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    revision = code_revision()["commit"]
     t0 = time.perf_counter()
     teacher_runs = {arch: train_teacher(args, arch, lr) for arch, lr in TEACHERS.items()}
     ckpts = [(arch, d / "model.pt") for arch, (d, _) in teacher_runs.items()]

@@ -18,7 +18,6 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_data import data_overrides  # noqa: E402
 
+from graftkd.study import code_revision
 from graftkd.config import load_config  # noqa: E402
 from graftkd.experiment import execute, read_metrics  # noqa: E402
 from graftkd.files import atomic_write_json  # noqa: E402
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     command = " ".join(["python benchmarks/precision.py", *(sys.argv[1:] if argv is None else argv)])
-    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    revision = code_revision()["commit"]
     load = [os.getloadavg()[0]]
     runs: dict[tuple[str, str], list[dict]] = {}
     t0 = time.perf_counter()
