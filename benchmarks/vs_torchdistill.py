@@ -172,6 +172,7 @@ class GraftkdWorker:
         }
 
     def _data(self, name: str) -> Any:
+        import graftkd.methods  # noqa: F401  registers the methods (the config union is built from them)
         from graftkd.config import validate_config
         from graftkd.data import build_data
 
