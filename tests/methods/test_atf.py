@@ -220,7 +220,7 @@ def test_build_train_and_report_two_adapting_teachers(tmp_path):
     assert report["effective"] == {"lam": 1.0, "mu": 1e-3, "lr_ratio": 1.0, "teacher_every": 1,
                                    "warmup_epochs": 0, "teacher_bn": "eval", "warmup_steps": None,
                                    "teacher_weight_decay": 0.0, "teacher_ce_weight": 1.0, "adapt": "all",
-                                   "guard": None}
+                                   "guard": None, "guard_every": None}
     method.eval()
     with torch.no_grad():
         s_pred = method.model(VAL.x).argmax(1)
@@ -325,7 +325,8 @@ def test_guard_keeps_the_best_teacher_and_rolls_back_and_stops_on_a_drop(tmp_pat
     out = method.train().training_step(batch(), ctx())
     assert out["teacher_loss"].grad_fn is None and out["loss"].grad_fn is not None
     row = method.final_metrics(lambda fn, split: {})["atf"]["teachers"][0]
-    assert row["guard"] == {"stopped": True, "stopped_at_step": 0, "best_val_acc": 2.0}
+    assert row["guard"] == {"stopped": True, "stopped_at_step": 0, "best_val_acc": 2.0,
+                            "scored_from": "validation pass"}
 
 
 def test_guard_logs_the_teachers_validation_accuracy(tmp_path):
@@ -334,3 +335,56 @@ def test_guard_logs_the_teachers_validation_accuracy(tmp_path):
     import csv
     rows = list(csv.DictReader(open(cfg.run_dir / "log.csv")))
     assert all(0 <= float(r["val_teacher0_acc"]) <= 1 for r in rows)
+
+
+def make_staged_method(cfg, seed=1):
+    """ATF with a resnet8 teacher (a stage view, so a head probe applies) on the toy data."""
+    torch.manual_seed(seed)
+    teacher = Teacher(create_model("resnet8", num_classes=2), "resnet8", "test", (0.1, 0.2, 0.3),
+                      (1.5, 1.0, 0.5), *STATS)  # re-normalises: the probe must too
+    with torch.no_grad():
+        z0 = teacher.eval()(VAL.x)[None]
+    return ATF(cfg, ToyNet(), [teacher], z0, VAL.y, predict_val)
+
+
+def test_head_probe_scores_the_teacher_as_a_validation_pass_does(tmp_path):
+    cfg = make_cfg(tmp_path, "method.guard=0.01", "method.adapt=head")
+    method = make_staged_method(cfg).eval()
+    teacher = method.teachers[0]
+    assert method.probe_views[0] is not None and method.val_features0.shape == (16, 64, 2, 2)
+    for shift in (0.0, 0.3, -0.7):  # the head moves; the cached features stay valid
+        with torch.no_grad():
+            teacher.model.fc.bias.add_(torch.tensor([shift, -shift]))
+            full = (teacher(VAL.x).argmax(1) == VAL.y).float().mean()
+        assert method.teacher_val_accuracy()[0].item() == pytest.approx(full.item(), abs=1e-7)
+    row = method.final_metrics(lambda fn, split: {})["atf"]["teachers"][0]
+    assert row["guard"]["scored_from"] == "cached head features"
+    # no probe when more than the head adapts or BN trains
+    for extra in ("method.adapt=last_stage", "method.teacher_bn=train"):
+        other = make_staged_method(make_cfg(tmp_path, "method.guard=0.01", "method.adapt=head", extra))
+        assert other.probe_views[0] is None and other.val_features0 is None
+
+
+def test_guard_every_checks_after_every_n_teacher_updates(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, "method.guard=0.5", "method.guard_every=2", "method.adapt=head",
+                   "method.warmup_steps=3", "trainer.eval_every_steps=1000")
+    method = make_staged_method(cfg)
+    checks = []
+    real = ATF.check_guard
+
+    def spy(self, acc):
+        checks.append((self._step, int(self.teacher_updates) if self.training else None))
+        return real(self, acc)
+
+    monkeypatch.setattr(ATF, "check_guard", spy)
+    fit(cfg, method)
+    # 2 epochs x 6 steps; updates on steps 3..11 (9 of them); checked before updates 3, 5, 7, 9 (after
+    # 2, 4, 6, 8 updates), and at the one validation (the last step: eval_every_steps exceeds the budget)
+    assert [c for c in checks if c[1] is not None] == [(5, 2), (7, 4), (9, 6), (11, 8)]
+    assert [c for c in checks if c[1] is None] == [(11, None)]
+    assert int(method.teacher_updates) == 9
+
+
+def test_guard_every_needs_a_guard(tmp_path):
+    with pytest.raises(UserError, match="method.guard_every is set but method.guard is not"):
+        make_cfg(tmp_path, "method.guard_every=5")

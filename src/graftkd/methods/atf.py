@@ -17,7 +17,9 @@ once on validation when the method is built, so the weights stay fixed; per-samp
 One phase, one optimiser for the student and one per teacher (lr = ratio * student lr, weight decay
 ``teacher_weight_decay``; ``adapt`` = all | last_stage | head says which teacher parameters train;
 ``guard`` stops a teacher's adaptation and rolls it back to its best validated state once its
-validation accuracy drops by more than ``guard``, see ``ATF.after_validation``). The step
+validation accuracy drops by more than ``guard``, checked at every validation and, with
+``guard_every``, every N teacher updates, see ``ATF.check_guard``; a head-adapting teacher with
+``teacher_bn: eval`` is then scored from its cached pre-head validation features). The step
 returns ``loss = L_S + sum_k L_k``; the stop-gradients make L_S reach only the student and L_k
 only teacher k. A teacher *update step* is a step in epoch >= ``warmup_epochs`` (or, with
 ``warmup_steps``, a step of the phase >= ``warmup_steps``) with
@@ -47,7 +49,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from graftkd.config import DivergenceConfig, ExperimentConfig, MethodConfig, WarmupInSteps
@@ -57,6 +59,7 @@ from graftkd.losses import divergences
 from graftkd.losses.standardize import soft_targets
 from graftkd.methods.base import METHODS, ExtraOutput, Method, OptimSpec, Phase, StepContext
 from graftkd.models import create_model
+from graftkd.models.staged import StagedModel
 from graftkd.teachers import fusion
 from graftkd.teachers.ensemble import Teacher, load_teacher, stack_logits
 
@@ -112,6 +115,17 @@ class ATFMethod(MethodConfig, WarmupInSteps):
                                                         "validated state, once its validation accuracy falls more "
                                                         "than this below its accuracy before training; checked at "
                                                         "every validation (None: off)")
+    guard_every: int | None = Field(None, ge=1, description="with guard: also check it every N teacher updates "
+                                                            "(adapt=head with teacher_bn=eval: from cached "
+                                                            "pre-head validation features, one head forward per "
+                                                            "check; otherwise a full validation pass)")
+
+    @model_validator(mode="after")
+    def _guard_every_needs_guard(self) -> "ATFMethod":
+        if self.guard_every is not None and self.guard is None:
+            raise ValueError("method.guard_every is set but method.guard is not: guard_every says how often "
+                             "the guard is checked; set method.guard (e.g. 0.01) or remove guard_every")
+        return self
 
 
 @dataclass(frozen=True)
@@ -129,16 +143,18 @@ class Effective:
     teacher_ce_weight: float = 1.0
     adapt: str = "all"
     guard: float | None = None
+    guard_every: int | None = None
 
     @staticmethod
     def of(m: ATFMethod, student_weight_decay: float = 0.0) -> "Effective":
         if m.mode == "offline":
-            return Effective(0.0, 0.0, 0.0, 1, 0, "eval", None, 0.0, 0.0, "none", None)
+            return Effective(0.0, 0.0, 0.0, 1, 0, "eval", None, 0.0, 0.0, "none", None, None)
         if m.mode == "online":  # peers train like the student, from scratch
-            return Effective(m.lam, 0.0, m.peer_lr_ratio, 1, 0, "train", None, student_weight_decay, 1.0, "all", None)
+            return Effective(m.lam, 0.0, m.peer_lr_ratio, 1, 0, "train", None, student_weight_decay, 1.0, "all",
+                             None, None)
         lam = m.lam if m.mode == "atf" else 0.0
         return Effective(lam, m.mu, m.lr_ratio, m.teacher_every, m.warmup_epochs, m.teacher_bn, m.warmup_steps,
-                         m.teacher_weight_decay, m.teacher_ce_weight, m.adapt, m.guard)
+                         m.teacher_weight_decay, m.teacher_ce_weight, m.adapt, m.guard, m.guard_every)
 
 
 def adapted_parameters(model: nn.Module, adapt: str, label: str = "teacher") -> list[nn.Parameter]:
@@ -146,8 +162,6 @@ def adapted_parameters(model: nn.Module, adapt: str, label: str = "teacher") -> 
     classifier after the last stage (``StagedModel``'s head, or timm's ``get_classifier()``)."""
     if adapt == "all":
         return list(model.parameters())
-    from graftkd.models.staged import StagedModel
-
     try:
         view = StagedModel(model, label)
     except UserError:
@@ -237,6 +251,15 @@ class ATF(Method):
         self.register_buffer("best_acc", self.val_acc0.clone())
         self.register_buffer("stopped", torch.zeros(len(teachers), dtype=torch.bool))
         self.register_buffer("stopped_at", torch.full((len(teachers),), -1, dtype=torch.long))
+        self.register_buffer("val_labels", val_labels.clone(), persistent=False)
+        if guarded and self.eff.guard_every is not None:
+            self.register_buffer("teacher_updates", torch.zeros((), dtype=torch.long))
+        # head probes: a head-adapting eval-BN teacher is scored on validation from cached features
+        self.probe_views: list[StagedModel | None] = []
+        for k, t in enumerate(teachers):
+            probe = head_probe(t, self.eff, predict_val) if guarded and m.mode != "offline" else None
+            self.probe_views.append(None if probe is None else probe[0])
+            self.register_buffer(f"val_features{k}", None if probe is None else probe[1], persistent=False)
         self._step = 0
 
     # ------------------------------------------------------------------------------- training
@@ -268,6 +291,11 @@ class ATF(Method):
         m, T = self.m, self.m.temperature
         update = self.updates_teachers(ctx)
         self._step = ctx.step
+        if update and self.eff.guard_every is not None and self.eff.guard is not None:
+            n = int(self.teacher_updates)
+            if n > 0 and n % self.eff.guard_every == 0 and not bool(self.stopped.all()):
+                self.check_guard(self.teacher_val_accuracy())
+            self.teacher_updates += 1
         live = [update and not bool(done) for done in self.stopped]  # teachers adapting on this step
         if self.eff.teacher_bn == "train":
             for t, on in zip(self.teachers, live):
@@ -311,14 +339,37 @@ class ATF(Method):
 
     @torch.no_grad()
     def after_validation(self) -> dict[str, float]:
-        """With ``guard``: score the teachers on validation; keep each one's best state; stop a
-        teacher whose accuracy fell more than ``guard`` below its accuracy before training and roll
-        it back to its best state. Returns the teachers' validation accuracies for the log."""
+        """With ``guard``: ``check_guard`` on the teachers' validation accuracy. Returns those
+        accuracies for the log."""
         if self.eff.guard is None or self.m.mode == "offline":
             return {}
-        out = self.predict_val(lambda x: stack_logits(self.teachers, x, 1))
-        labels = out["labels"].to(self.best_acc.device)
-        acc = (out["logits"].argmax(-1).to(labels.device) == labels[:, None]).float().mean(0)  # [K]
+        return self.check_guard(self.teacher_val_accuracy())
+
+    @torch.no_grad()
+    def teacher_val_accuracy(self) -> torch.Tensor:
+        """[K] the teachers' current validation accuracy: from the cached features through the head
+        where a head probe applies, else one validation pass (in eval mode)."""
+        logits: list[torch.Tensor | None] = []
+        for k, view in enumerate(self.probe_views):
+            feats = getattr(self, f"val_features{k}")
+            if view is None or feats is None:
+                logits.append(None)
+                continue
+            with torch.autocast(feats.device.type, enabled=False):
+                logits.append(view.head(feats).float())
+        if any(z is None for z in logits):
+            for t in self.teachers:
+                t.eval()
+            full = self.predict_val(lambda x: stack_logits(self.teachers, x, 1))["logits"]  # [N, K, C]
+            logits = [full[:, k] if z is None else z for k, z in enumerate(logits)]
+        labels = self.val_labels
+        return torch.stack([(z.argmax(-1).to(labels.device) == labels).float().mean() for z in logits])
+
+    @torch.no_grad()
+    def check_guard(self, acc: torch.Tensor) -> dict[str, float]:
+        """Given the teachers' validation accuracy ``acc`` [K]: keep each one's best state; stop a
+        teacher whose accuracy fell more than ``guard`` below its accuracy before training and roll
+        it back to its best state."""
         log = {}
         for k, t in enumerate(self.teachers):
             log[f"teacher{k}_acc"] = float(acc[k])
@@ -368,11 +419,35 @@ class ATF(Method):
                 "agreement_after": float((pred[0] == pred[1 + k]).float().mean()),
                 "val": score(t, "val"), "test": score(t, "test"),
                 **({"guard": {"stopped": bool(self.stopped[k]), "stopped_at_step": int(self.stopped_at[k])
-                              if self.stopped[k] else None, "best_val_acc": float(self.best_acc[k])}}
+                              if self.stopped[k] else None, "best_val_acc": float(self.best_acc[k]),
+                              "scored_from": "cached head features" if self.probe_views[k] is not None
+                              else "validation pass"}}
                    if self.eff.guard is not None else {}),
             })
         return {"atf": {"mode": self.m.mode, "effective": asdict(self.eff), "fusion": self.cfg.fusion.strategy,
                         "teachers": rows}}
+
+
+def head_probe(t: Teacher, eff: Effective, predict_val: Predict) -> tuple[StagedModel, torch.Tensor] | None:
+    """For a teacher that adapts only its head and keeps eval-mode BN, everything before the head is
+    frozen, so its validation features never change: its stage view and those features [N, ...]
+    (then a validation score is one head forward). None when the teacher does not qualify."""
+    if eff.adapt != "head" or eff.teacher_bn != "eval":
+        return None
+    try:
+        view = StagedModel(t.model, t.name)
+    except UserError:
+        return None
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        f = view.stem(t.renormalised(x))
+        for i in range(view.n_stages):
+            f = view.stage(i, f)
+        return f
+
+    t.eval()
+    with torch.no_grad():
+        return view, predict_val(features)["logits"]
 
 
 def online_peer(cfg_name: str, kwargs: dict[str, Any], num_classes: int, mean: Sequence[float],

@@ -66,10 +66,14 @@ class Teacher(nn.Module):
         self.model.eval()
         self.checksum = state_checksum(self.model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def renormalised(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch in the data's normalisation, in the teacher's."""
         if self.renormalise:
             x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
-        return self.model(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.renormalised(x))
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)
