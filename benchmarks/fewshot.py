@@ -5,7 +5,7 @@
 From scratch: generates the synthetic tree of ``benchmarks/studies/fewshot_histology.yaml`` (800
 patients with 2..10 images each, so patient recognition rate and image accuracy differ; 160 test
 patients, about 950 test images), trains its teachers (resnet20, resnet32) on the whole train split, then runs the study
-through ``graftkd compare`` (6 methods x 25 shots x 5 seeds, one optimiser-step budget) and
+through ``graftkd compare`` (6 methods x 25 shots x 10 seeds, one optimiser-step budget) and
 writes ``benchmarks/results/fewshot.json`` (rows ``{method, shots, seeds, values, mean, sd, steps,
 patient_recognition_rate}``, with the code revision and the command). The 10-shot table:
 
