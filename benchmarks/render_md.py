@@ -213,8 +213,8 @@ def section_fewshot(d: Any) -> str:
         first5 = max(rows, key=lambda r: statistics.stdev(r["values"][:5]))
         note = (f"{len(first5['values'])} seeds. The study first ran seeds 0-4 only; there the largest sd was "
                 f"{100 * statistics.stdev(first5['values'][:5]):.2f} points ({first5['method']}), above the bar "
-                f"of 3, and an sd estimated from 5 seeds is itself uncertain by about a third, so seeds 5-9 were "
-                f"added for every method. The per-seed columns show all of them.")
+                f"of 3, and an sd estimated from 5 seeds is itself uncertain by about a third, so seeds 5-"
+                f"{len(first5['values']) - 1} were added for every method. The per-seed columns show all of them.")
     return section_fewshot_at(d, "## Few-shot distillation on synthetic histology (issue 12)", note)
 
 

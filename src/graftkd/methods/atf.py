@@ -291,7 +291,7 @@ class ATF(Method):
         m, T = self.m, self.m.temperature
         update = self.updates_teachers(ctx)
         self._step = ctx.step
-        if update and self.eff.guard_every is not None and self.eff.guard is not None:
+        if update and self.eff.guard_every is not None:  # (guard_every needs guard)
             n = int(self.teacher_updates)
             if n > 0 and n % self.eff.guard_every == 0 and not bool(self.stopped.all()):
                 self.check_guard(self.teacher_val_accuracy())
@@ -351,10 +351,10 @@ class ATF(Method):
         where a head probe applies, else one validation pass (in eval mode)."""
         logits: list[torch.Tensor | None] = []
         for k, view in enumerate(self.probe_views):
-            feats = getattr(self, f"val_features{k}")
-            if view is None or feats is None:
+            if view is None:
                 logits.append(None)
                 continue
+            feats = getattr(self, f"val_features{k}")
             with torch.autocast(feats.device.type, enabled=False):
                 logits.append(view.head(feats).float())
         if any(z is None for z in logits):
@@ -438,16 +438,9 @@ def head_probe(t: Teacher, eff: Effective, predict_val: Predict) -> tuple[Staged
         view = StagedModel(t.model, t.name)
     except UserError:
         return None
-
-    def features(x: torch.Tensor) -> torch.Tensor:
-        f = view.stem(t.renormalised(x))
-        for i in range(view.n_stages):
-            f = view.stage(i, f)
-        return f
-
     t.eval()
     with torch.no_grad():
-        return view, predict_val(features)["logits"]
+        return view, predict_val(lambda x: view.features(t.renormalised(x)))["logits"]
 
 
 def online_peer(cfg_name: str, kwargs: dict[str, Any], num_classes: int, mean: Sequence[float],

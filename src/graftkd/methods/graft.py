@@ -350,10 +350,7 @@ class Graft(Method):
     def _prefix(self, x: Tensor) -> Tensor:
         """Host stem and stages before the first grafted unit of the phase (nothing there trains)."""
         with torch.no_grad():
-            h = self.H.stem(x)
-            for j in range(self.k + self.active.lo):
-                h = self.H.stage(j, h)
-        return h
+            return self.H.features(x, self.k + self.active.lo)
 
     def _hybrid_from(self, h: Tensor) -> Tensor:
         for u in range(self.active.lo, self.active.hi):

@@ -85,11 +85,15 @@ class StagedModel:
     def head(self, f: Tensor) -> Tensor:
         return self.model.forward_head(f)
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor, stages: int | None = None) -> Tensor:
+        """The stem and the first ``stages`` stages (all of them by default: the head's input)."""
         x = self.stem(x)
-        for i in range(self.n_stages):
+        for i in range(self.n_stages if stages is None else stages):
             x = self.stage(i, x)
-        return self.head(x)
+        return x
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
 
     def stage_module(self, i: int) -> nn.Module:
         return getattr(self.model, self.stage_names[i])
