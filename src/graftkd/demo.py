@@ -168,7 +168,7 @@ def run_demo(quick: bool = False, data_root: str | None = None, out: str | Path 
     print(f"[demo] students by test accuracy ({spec['student_shots']} labelled images per class, "
           f"{spec['student_steps']} optimiser steps each): "
           + " > ".join(f"{n} {metrics[n]['test']['accuracy']:.3f}" for n in ranking)
-          + " (one seed; BENCHMARKS.md ranks them over 5 seeds)")
+          + " (one seed; BENCHMARKS.md ranks them over 5 to 10 seeds)")
     print(f"[demo] best student on validation: {best}; exported to {written['onnx']} (+ safetensors, model card)")
     print(f"[demo] comparison report: {report}")
     print(f"[demo] run folder: {out}  ({time.perf_counter() - t_all:.0f} s)")
