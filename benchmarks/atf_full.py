@@ -1,5 +1,5 @@
 """ATF in its own setting: full labels (issue 23 item 4). Real digits, every training image labelled,
-resnet20 teacher, resnet8 student, one 300-step budget, 5 seeds, through ``graftkd compare``: kd, kd
+resnet20 teacher, resnet8 student, one 200-step budget at batch 16, 5 seeds, through ``graftkd compare``: kd, kd
 with logit standardisation, dkd, ATF at its class defaults (``method: {name: atf}``) and in modes
 offline, offline_joint and online (``benchmarks/studies/atf_full_digits.yaml``).
 
