@@ -7,6 +7,7 @@ exported student, metrics.json. The top of the stack: it imports every layer, no
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -292,10 +293,53 @@ def _finish(cfg: ExperimentConfig, device: torch.device, dist: DistContext, data
     for split, ds in (("val", data.val), ("test", data.test)):
         metrics[split] = score_split(method.eval_logits, ds, cfg, device, data.classes, rows, split)
     write_predictions_csv(run_dir / "predictions.csv", rows)
-    metrics.update(method.final_metrics(
-        lambda fn, split: score_split(fn, getattr(data, split), cfg, device, data.classes)))
+    metrics.update(method.final_metrics(score_memo(cfg, data, device)))
     atomic_write_json(run_dir / "metrics.json", metrics)
     return run_dir
+
+
+#: data settings that change no evaluation view (training-set draws, batches, loader workers)
+_EVAL_NEUTRAL = {"shots", "max_per_group", "shots_file", "shots_column", "batch_size", "eval_batch_size",
+                 "num_workers", "augment", "on_bad_file", "decoded_cache"}
+
+
+def score_memo(cfg: ExperimentConfig, data: Any, device: torch.device):
+    """``score(fn, split, key=None)`` for ``Method.final_metrics``. With a ``key`` (what ``fn`` is, by
+    content: a frozen teacher's weight checksum, an ensemble's teachers and weights) the metrics are
+    kept in ``<output.dir>/.cache/scores/``, keyed by it, the split's records, the evaluation
+    settings (data view, precision, channels_last, device) and the package source
+    (``code_revision``): the runs of a study, which share ``output.dir``, score each teacher and
+    ensemble once instead of once per run."""
+    from graftkd.runtime import code_revision
+    from graftkd.teachers.ensemble import records_hash
+
+    folder = Path(cfg.output.dir) / ".cache" / "scores"
+    fixed: dict[str, Any] = {}
+
+    def score(fn: Any, split: str, key: Any = None) -> dict[str, Any]:
+        ds = getattr(data, split)
+        if key is None:
+            return score_split(fn, ds, cfg, device, data.classes)
+        if not fixed:
+            fixed.update(code=code_revision()["code"], precision=resolve_precision(cfg, device)[0],
+                         channels_last=cfg.trainer.channels_last, device=device.type, classes=list(data.classes),
+                         view=[data.image_size, list(data.mean), list(data.std)],
+                         data=cfg.data.model_dump(mode="json", exclude=_EVAL_NEUTRAL))
+        digest = hashlib.sha256(json.dumps([fixed, key, split, records_hash(ds.records)], sort_keys=True,
+                                           default=str).encode()).hexdigest()
+        path = folder / f"{digest[:40]}.json"
+        try:
+            return json.loads(path.read_text())["metrics"]
+        except (OSError, ValueError, KeyError):
+            pass
+        metrics = score_split(fn, ds, cfg, device, data.classes)
+        try:
+            atomic_write_json(path, {"key": key, "split": split, "metrics": metrics})
+        except UserError:
+            pass  # an unwritable output folder: no memo, the same metrics
+        return metrics
+
+    return score
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:

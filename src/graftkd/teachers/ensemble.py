@@ -188,6 +188,13 @@ def measure_val_accuracy(teachers: Sequence[Teacher], val_set: Any, run: Inferen
     return (out["logits"].argmax(-1) == out["labels"][:, None]).float().mean(0)
 
 
+def _read_json(path: Path | None) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def load_teachers(cfgs: Sequence[TeacherConfig], data: Any, fusion_cfg: FusionConfig, run: Inference,
                   run_dir: Path | None = None) -> TeacherEnsemble:
     """Load, freeze and score (with ``run``'s settings) the teachers of a run; fused with ``fusion_cfg``.
@@ -201,14 +208,18 @@ def load_teachers(cfgs: Sequence[TeacherConfig], data: Any, fusion_cfg: FusionCo
     for t in teachers:
         t.to(run.device)
     key = hashlib.sha256(json.dumps([[t.describe() for t in teachers], records_hash(data.val.records),
-                                     data.image_size]).encode()).hexdigest()
+                                     data.image_size, str(run.dtype)]).encode()).hexdigest()
     path = run_dir / "cache" / "teacher_val.json" if run_dir is not None else None
-    stored = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-    if stored.get("key") == key:
+    # the runs of a study share their parent folder: one measurement serves them all
+    shared = run_dir.parent / ".cache" / "teacher_val" / f"{key[:40]}.json" if run_dir is not None else None
+    stored = next((s for s in (_read_json(p) for p in (path, shared)) if s.get("key") == key), None)
+    if stored is not None:
         acc = torch.tensor(stored["val_accuracy"])
     else:
         acc = measure_val_accuracy(teachers, data.val, run)
-        if path is not None:
-            atomic_write_json(path, {"key": key, "teachers": [t.describe() for t in teachers],
-                                     "val_accuracy": acc.tolist()})
+    if path is not None:
+        record = {"key": key, "teachers": [t.describe() for t in teachers], "val_accuracy": acc.tolist()}
+        for p in (path, shared):
+            if _read_json(p).get("key") != key:
+                atomic_write_json(p, record)
     return TeacherEnsemble(teachers, fusion_cfg, acc).to(run.device)
