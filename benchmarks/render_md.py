@@ -330,8 +330,10 @@ def section_vs_torchdistill(d: dict[str, Any]) -> str:
             [f"graftkd, {d['graftkd_best_settings']} (best settings)", d["graftkd_img_s"], f"{d['ratio_live']:.2f}"],
             ["graftkd with the soft-target cache", d["graftkd_cached_img_s"], f"{d['ratio_cached']:.2f}"],
         ]),
-        "", f"Targets: graftkd live at least as fast ({'met' if d['ratio_live'] >= 1 else 'NOT met'}), cached at "
-            f"least 2x ({'met' if d['ratio_cached'] >= 2 else 'NOT met'}).",
+        "", f"Targets: graftkd live at least as fast, like for like in fp32 "
+            f"({'met' if d['ratio_fp32'] >= 1 else 'NOT met'}: {d['ratio_fp32']:.2f}x; with its best settings "
+            f"{d['ratio_live']:.2f}x), cached at least 2x ({'met' if d['ratio_cached'] >= 2 else 'NOT met'}). "
+            "Each ratio is the median of per-round ratios.",
     ])
 
 

@@ -4,7 +4,7 @@ A teacher is a model file written by ``graftkd train`` (``checkpoint``) or a tim
 ``pretrained: true``. Batches arrive normalised with the data's mean/std; a teacher trained with
 other statistics gets them re-normalised on the fly (``x * data_std / t_std + (data_mean - t_mean) /
 t_std``, as timm's DistillationTeacher does). Teachers are frozen (``requires_grad`` False), kept in
-eval mode, run under ``torch.inference_mode()``, never given to an optimiser nor synchronised
+eval mode, run under ``torch.no_grad()``, never given to an optimiser nor synchronised
 across ranks.
 """
 from __future__ import annotations
@@ -107,17 +107,15 @@ class TeacherEnsemble(nn.Module):
     def targets(self, x: torch.Tensor, y: torch.Tensor | None, temperature: float,
                 standardize: bool = False) -> torch.Tensor:
         """[B, C] fused soft target ``sum_k w_k softmax(z_k / T)`` for images x and labels y."""
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: on CPU its convolutions ran ~15% slower (issue 25)
             z = stack_logits(self.teachers, x)
-            p = fusion.fuse(z, self.weights(z, y), temperature, standardize)
-        return p.clone()
+            return fusion.fuse(z, self.weights(z, y), temperature, standardize)
 
     def fused_logits(self, x: torch.Tensor, y: torch.Tensor | None, how: str, temperature: float) -> torch.Tensor:
         """[B, C] fused logit vector (``fusion.fuse_logits``) for images x and labels y."""
-        with torch.inference_mode():
+        with torch.no_grad():
             z = torch.stack([t(x).float() for t in self.teachers])
-            v = fusion.fuse_logits(z, self.weights(z, y), how, temperature)
-        return v.clone()
+            return fusion.fuse_logits(z, self.weights(z, y), how, temperature)
 
     def global_weights(self) -> list[float] | None:
         """Per-teacher weights of a global strategy (mean, accuracy, best), else None."""
