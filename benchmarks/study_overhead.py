@@ -4,7 +4,7 @@ of its runs' ``train_seconds``.
     python benchmarks/study_overhead.py [--root runs/digits] [--jobs 2] [--label after] [overrides ...]
 
 Prepares the digits and their two teachers (``digits_data``), runs the study
-``benchmarks/studies/study_overhead.yaml`` (4 methods x 5 seeds = 20 runs of 300 steps, 1 thread
+``benchmarks/studies/study_overhead.yaml`` (4 methods x 5 seeds = 20 runs of 200 steps, 1 thread
 each) from scratch (its folder is emptied first: nothing reused) and writes
 ``benchmarks/results/study_overhead.json``: ``runs``, ``train_seconds`` (the sum of every run's
 ``metrics.json`` ``train_seconds``), ``wall_seconds`` (the whole ``compare`` call: runs, statistics,
@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fewshot_digits import digits_overrides, prepare_all  # noqa: E402
+from digits_data import prepare, train_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "benchmarks" / "studies" / "study_overhead.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "study_overhead.json"
+TEACHERS = ("resnet20", "resnet8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     from graftkd.files import atomic_write_json
     from graftkd.study import code_revision, compare
 
-    prepare_all(args.root, args.teacher_epochs)
+    manifest = prepare(args.root)
+    import torch
+
+    torch.set_num_threads(1)
+    for arch in TEACHERS:
+        train_teacher(manifest, args.root / "teachers", arch, args.teacher_epochs)
+    overrides = [f"data.root={manifest}"] + [
+        f"teachers.{k}.checkpoint={args.root / 'teachers' / f'teacher_{arch}' / 'model.pt'}" for k, arch in enumerate(TEACHERS)]
     if args.out.exists():
         shutil.rmtree(args.out)
     command = shlex.join(["python", "benchmarks/study_overhead.py", *(sys.argv[1:] if argv is None else argv)])
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
-    out = compare(STUDY, digits_overrides(args.root) + [f"out={args.out}"] + args.overrides, args.jobs,
+    out = compare(STUDY, overrides + [f"out={args.out}"] + args.overrides, args.jobs,
                   command=command)
     wall = time.perf_counter() - t0
     done.set()
