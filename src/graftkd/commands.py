@@ -68,12 +68,40 @@ def run_distill(args: argparse.Namespace) -> int:
 
 def add_models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="glob over model names, e.g. 'resnet*'")
+    p.add_argument("--params", action="store_true", help="also count the parameters of ours (builds them: slower)")
+
+
+def _stored_model_index() -> dict | None:
+    """``models/index.json`` when it was written for the installed timm, else None."""
+    import json
+    from importlib import resources
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        index = json.loads(resources.files("graftkd").joinpath("models/index.json").read_text())
+        return index if index.get("timm") == version("timm") else None
+    except (OSError, ValueError, PackageNotFoundError):
+        return None
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from graftkd.models.factory import format_model_table
+    index = None if args.params else _stored_model_index()
+    if index is None:  # counting parameters, or a timm the index was not written for: the live registries
+        from graftkd.models.factory import format_model_table
 
-    print(format_model_table(args.pattern))
+        print(format_model_table(args.pattern, params=args.params))
+        return 0
+    from fnmatch import fnmatchcase
+
+    ours = [n for n in index["ours"] if fnmatchcase(n, args.pattern)]
+    theirs = [n for n in index["timm_models"] if fnmatchcase(n.removeprefix("timm:"), args.pattern)]
+    # the table code without its module (which imports torch): the same columns as format_model_table
+    rows = [("name", "source")] + [(n, "ours") for n in ours] + [(n, "timm") for n in theirs]
+    if len(rows) == 1:
+        print(f"no model matches '{args.pattern}'")
+        return 0
+    width = max(len(r[0]) for r in rows)
+    print("\n".join(f"{a:<{width}}  {b}" for a, b in rows))
     return 0
 
 

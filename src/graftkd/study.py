@@ -229,10 +229,11 @@ class WarmPool:
         self.ctx.set_forkserver_preload(self.PRELOAD)
         self.live: set[Any] = set()
 
-    def run(self, cfg_file: Path, log_file: Path) -> str | None:
-        """None when the run finished, else why it did not."""
+    def run(self, cfg_file: Path, log_file: Path, target: Any = None) -> str | None:
+        """None when the run finished, else why it did not. ``target`` replaces ``_forked_run``
+        (a module-level function of the same arguments; tests make a run crash with it)."""
         recv, send = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=_forked_run, args=(str(cfg_file), str(log_file), send), daemon=False)
+        proc = self.ctx.Process(target=target or _forked_run, args=(str(cfg_file), str(log_file), send), daemon=False)
         proc.start()
         self.live.add(proc)
         send.close()
