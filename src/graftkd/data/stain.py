@@ -66,7 +66,7 @@ class StainNormalizer:
                 return img
             out, _, _ = self.impl.normalize(img, Io=IO, alpha=ALPHA, beta=BETA, stains=False)
             return out.clamp(0, 255).to(torch.uint8).permute(2, 0, 1).contiguous()
-        return self.impl.normalize(img).contiguous()
+        return self.impl.normalize(img).permute(2, 0, 1).contiguous()  # torchstain returns H x W x C
 
     def describe(self) -> dict[str, Any]:
         """Plain-JSON description (method, fitted parameters, what it was fitted on)."""
