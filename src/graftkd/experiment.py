@@ -318,7 +318,7 @@ def score_memo(cfg: ExperimentConfig, data: Any, device: torch.device):
     """``score(fn, split, key=None)`` for ``Method.final_metrics``. With a ``key`` (what ``fn`` is, by
     content: a frozen teacher's weight checksum, an ensemble's teachers and weights) the metrics are
     kept in ``<output.dir>/.cache/scores/``, keyed by it, the split's records, the evaluation
-    settings (data view, precision, channels_last, device) and the package source
+    settings (data view, fitted stain normalisation, precision, channels_last, device) and the package source
     (``code_revision``): the runs of a study, which share ``output.dir``, score each teacher and
     ensemble once instead of once per run."""
     from graftkd.runtime import code_revision
@@ -335,7 +335,8 @@ def score_memo(cfg: ExperimentConfig, data: Any, device: torch.device):
             fixed.update(code=code_revision()["code"], precision=resolve_precision(cfg, device)[0],
                          channels_last=cfg.trainer.channels_last, device=device.type, classes=list(data.classes),
                          view=[data.image_size, list(data.mean), list(data.std)],
-                         data=cfg.data.model_dump(mode="json", exclude=_EVAL_NEUTRAL))
+                         data=cfg.data.model_dump(mode="json", exclude=_EVAL_NEUTRAL),
+                         stain=data.stain.fingerprint() if getattr(data, "stain", None) is not None else None)
         digest = hashlib.sha256(json.dumps([fixed, key, split, records_hash(ds.records)], sort_keys=True,
                                            default=str).encode()).hexdigest()
         path = folder / f"{digest[:40]}.json"

@@ -186,6 +186,12 @@ def measure_val_accuracy(teachers: Sequence[Teacher], val_set: Any, run: Inferen
     return (out["logits"].argmax(-1) == out["labels"][:, None]).float().mean(0)
 
 
+def _stain(data: Any) -> Any:
+    """The stain normalisation the validation images pass through (part of what a teacher sees)."""
+    stain = getattr(data, "stain", None)
+    return stain.describe() if stain is not None else None
+
+
 def _read_json(path: Path | None) -> dict[str, Any]:
     try:
         return json.loads(path.read_text()) if path is not None else {}
@@ -206,7 +212,7 @@ def load_teachers(cfgs: Sequence[TeacherConfig], data: Any, fusion_cfg: FusionCo
     for t in teachers:
         t.to(run.device)
     key = hashlib.sha256(json.dumps([[t.describe() for t in teachers], records_hash(data.val.records),
-                                     data.image_size, str(run.dtype)]).encode()).hexdigest()
+                                     data.image_size, str(run.dtype), _stain(data)], default=str).encode()).hexdigest()
     path = run_dir / "cache" / "teacher_val.json" if run_dir is not None else None
     # the runs of a study share their parent folder: one measurement serves them all
     shared = run_dir.parent / ".cache" / "teacher_val" / f"{key[:40]}.json" if run_dir is not None else None
