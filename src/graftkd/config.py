@@ -101,10 +101,11 @@ class SyntheticConfig(Strict):
 
 class StainJitterConfig(Strict):
     """HED stain jitter strengths (Tellez et al. 2019) of ``augment: histology_stain``: per image and
-    stain (haematoxylin, eosin, DAB in skimage's ``rgb2hed`` units) ``s' = alpha s + beta``."""
+    stain (haematoxylin, eosin, DAB optical densities, ``-log(rgb) @ hed_from_rgb``) ``s' = alpha s + beta``.
+    The defaults are Tellez et al.'s HED-light."""
 
     scale: float = Field(0.05, ge=0, lt=1, description="alpha ~ U(1 - scale, 1 + scale)")
-    shift: float = Field(0.05, ge=0, description="beta ~ U(-shift, shift)")
+    shift: float = Field(0.05, ge=0, description="beta ~ U(-shift, shift), in optical density")
 
 
 class StainNormConfig(Strict):

@@ -11,17 +11,17 @@ from graftkd.data.stain import IO, StainNormalizer, fit_normalizer
 from graftkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD, HEDJitter, eval_transform, hed_jitter, train_transform
 from graftkd.data.types import Record
 
-# skimage.color (Ruifrok & Johnston): rgb_from_hed and the rgb2hed / hed2rgb formulas, in float64
+# skimage.color (Ruifrok & Johnston): rgb_from_hed and rgb2hed / hed2rgb as Tellez et al. used them
+# (skimage < 0.19: stains = -log(rgb) @ hed_from_rgb, rgb = exp(-stains @ rgb_from_hed)), in float64
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-LOG_ADJUST = np.log(1e-6)
 
 
 def skimage_jitter(img: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
     """HWC uint8 -> rgb2hed (without its clip at 0) -> alpha * s + beta -> hed2rgb -> uint8."""
     rgb = np.maximum(img / 255.0, 1e-6)
-    stains = (np.log(rgb) / LOG_ADJUST) @ np.linalg.inv(RGB_FROM_HED)
+    stains = -np.log(rgb) @ np.linalg.inv(RGB_FROM_HED)
     stains = stains * alpha + beta
-    out = np.clip(np.exp(-(stains * -LOG_ADJUST) @ RGB_FROM_HED), 0, 1)
+    out = np.clip(np.exp(-stains @ RGB_FROM_HED), 0, 1)
     return np.round(out * 255).astype(np.uint8)
 
 

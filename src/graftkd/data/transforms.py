@@ -47,18 +47,15 @@ class RandomRot90(nn.Module):
 
 
 #: skimage.color's stain matrix (Ruifrok & Johnston 2001): rows are the RGB optical densities of
-#: haematoxylin, eosin and DAB; ``rgb2hed`` is OD / -log(1e-6) multiplied by its inverse
+#: haematoxylin, eosin and DAB; ``rgb2hed`` multiplies optical density by its inverse
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
-_LOG_ADJUST = math.log(1e-6)  # skimage: stains = log(max(rgb, 1e-6)) / log(1e-6) @ hed_from_rgb
 
 
 def hed_jitter_matrices(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The jitter of HED stains ``s' = alpha * s + beta`` (per image, per stain; ``alpha``, ``beta``
-    [B, 3]) as one affine map of skimage-scaled optical density ``d = log(rgb) / log(1e-6)`` (rows
-    [.., 3]): ``d' = d @ M + t`` with ``M = hed_from_rgb diag(alpha) rgb_from_hed`` [B, 3, 3] and
-    ``t = beta @ rgb_from_hed`` [B, 3]. (skimage's ``rgb2hed`` clips negative stains to 0 before
-    ``hed2rgb``; the map does not, so alpha = 1, beta = 0 is the identity.)"""
+    [B, 3]) as one affine map of optical density ``d = -log(rgb)`` (rows [.., 3]): ``d' = d @ M + t``
+    with ``M = hed_from_rgb diag(alpha) rgb_from_hed`` [B, 3, 3] and ``t = beta @ rgb_from_hed`` [B, 3]."""
     a, b = alpha.double(), beta.double()
     m = HED_FROM_RGB[None] * a[:, None, :] @ RGB_FROM_HED[None]
     return m.float(), (b @ RGB_FROM_HED).float()
@@ -66,22 +63,25 @@ def hed_jitter_matrices(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.
 
 def hed_jitter(img: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Tellez et al. (2019) HED augmentation of uint8 images ([3, H, W] or [B, 3, H, W]): each
-    image's haematoxylin, eosin and DAB channels (skimage ``rgb2hed``) become ``alpha * s + beta``,
-    then back to RGB (``hed2rgb``), rounded to uint8. ``alpha``, ``beta``: [3] or [B, 3]. Batched:
-    a 256-entry log table, one 3x3 matmul per image, one exp."""
+    image's haematoxylin, eosin and DAB channels ``s = -log(rgb) @ hed_from_rgb`` (skimage's
+    ``rgb2hed`` as Tellez et al. used it: optical density, before skimage 0.19 divided it by
+    -log(1e-6); rgb in [1e-6, 1]) become ``alpha * s + beta``, then back to RGB (``exp(-s @
+    rgb_from_hed)``), rounded to uint8. ``alpha``, ``beta``: [3] or [B, 3]. Batched: a 256-entry
+    log table, one 3x3 matmul per image, one exp. No clip of negative stains (skimage's ``rgb2hed``
+    clips them to 0), so alpha = 1, beta = 0 is the identity."""
     single = img.dim() == 3
     x = img[None] if single else img
     if x.dtype != torch.uint8 or x.shape[1] != 3:
         raise ValueError(f"hed_jitter needs uint8 RGB images, got {x.dtype} {tuple(x.shape)}")
     b, _, h, w = x.shape
     m, t = hed_jitter_matrices(alpha.reshape(-1, 3).expand(b, 3), beta.reshape(-1, 3).expand(b, 3))
-    d = _OD_TABLE[x.reshape(b, 3, h * w).long()]  # [B, 3, HW]: log(max(v/255, 1e-6)) / log(1e-6)
+    d = _OD_TABLE[x.reshape(b, 3, h * w).long()]  # [B, 3, HW]: -log(max(v / 255, 1e-6))
     d = m.transpose(1, 2) @ d + t[:, :, None]
-    out = torch.exp(d * _LOG_ADJUST).mul_(255.0).clamp_(0, 255).round_().to(torch.uint8).view(b, 3, h, w)
+    out = torch.exp(d.neg_()).mul_(255.0).clamp_(0, 255).round_().to(torch.uint8).view(b, 3, h, w)
     return out[0] if single else out
 
 
-_OD_TABLE = (torch.log(torch.clamp(torch.arange(256, dtype=torch.float64) / 255, min=1e-6)) / _LOG_ADJUST).float()
+_OD_TABLE = (-torch.log(torch.clamp(torch.arange(256, dtype=torch.float64) / 255, min=1e-6))).float()
 
 
 class HEDJitter(nn.Module):
