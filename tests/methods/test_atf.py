@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.toy import ToyNet, ToyViews
+from tests.engine.toy import ToyNet, ToyViews
 from graftkd.config import TeacherConfig, load_config
 from graftkd.data.types import DataBundle
 from graftkd.engine.trainer import Trainer

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine.toy import ToyNet, ToyViews  # noqa: E402
+from tests.engine.toy import ToyNet, ToyViews  # noqa: E402
 
 from graftkd.config import load_config  # noqa: E402
 from graftkd.distributed import init_distributed  # noqa: E402

@@ -13,7 +13,7 @@ from graftkd.files import load_checkpoint, save_checkpoint
 from graftkd.engine.trainer import Trainer
 from graftkd.errors import UserError
 from graftkd.methods.supervised import Supervised
-from engine.toy import ToyNet, ToyViews
+from tests.engine.toy import ToyNet, ToyViews
 
 from .cachebuild import build_all
 from .procs import TOYTRAIN, check, final_weights, launch_ranks, run_toy
