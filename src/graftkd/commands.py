@@ -43,9 +43,12 @@ def _run(args: argparse.Namespace, supervised: bool) -> int:
     if args.nproc > 1:
         from graftkd.engine.launch import relaunch_with_torchrun
         from graftkd.experiment import preflight
+        from graftkd.files import LOCK_ENV, FolderLock
 
-        preflight(cfg, args.resume, args.overwrite)  # user errors before any rank starts (no run folder yet)
-        return relaunch_with_torchrun(args.nproc)
+        with FolderLock(cfg.run_dir) as lock:  # the launcher holds the run folder; its ranks inherit the lock
+            preflight(cfg, args.resume, args.overwrite)  # user errors before any rank starts (no run folder yet)
+            os.environ[LOCK_ENV] = lock.child_env()[LOCK_ENV]
+            return relaunch_with_torchrun(args.nproc)
     from graftkd.experiment import execute, read_metrics
 
     run_dir = execute(cfg, resume=args.resume, overwrite=args.overwrite)

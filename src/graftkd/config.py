@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from graftkd.config_errors import format_validation_error
 from graftkd.errors import UserError
@@ -114,6 +114,9 @@ class DataConfig(Strict):
     on_bad_file: Literal["error", "skip"] = Field(
         "error", description="an unreadable image (empty, truncated, not an image; BreakHis: a name that does not "
                              "parse): error naming the file, or skip it (counted in the data summary and metrics.json)")
+    max_pixels: int = Field(89_478_485, ge=1, description="pixel budget of one image, checked from its header before "
+                                                           "decoding (default: PIL's decompression-bomb limit); a "
+                                                           "larger image is a bad file (see on_bad_file)")
     patient_suffix: Literal["merge", "keep"] = Field(
         "merge", description="BreakHis slide ids that differ only by a letter suffix (22549AB, 22549G): merge = one "
                              "patient (leak-free), keep = different patients")
@@ -264,10 +267,44 @@ class TrainerConfig(Strict):
         return self
 
 
+#: the longest run folder name: the name of its set-aside copy (``.<name>.replaced``) must fit in 255 bytes
+MAX_RUN_NAME = 255 - len(".") - len(".replaced")
+
+
+def check_run_name(name: str, key: str) -> str:
+    """A run folder name is a relative path that stays inside ``output.dir``: not empty, not
+    absolute, no ``.``/``..``/empty/hidden part, every part short enough for its set-aside copy."""
+    why = None
+    parts = name.split("/")
+    if not name.strip():
+        why = "is empty"
+    elif "\0" in name:
+        why = "contains a NUL character"
+    elif name.startswith("/"):
+        why = "is an absolute path; it must be a folder name inside output.dir"
+    elif any(p in (".", "..") for p in parts):
+        why = "contains '.' or '..'; the run folder must be a new folder inside output.dir"
+    elif any(not p for p in parts):
+        why = "has an empty part ('//' or a trailing '/')"
+    elif any(p.startswith(".") for p in parts):
+        why = "has a part starting with '.' (hidden names are graftkd's own: .cache, .<name>.replaced)"
+    elif any(len(p.encode()) > MAX_RUN_NAME for p in parts):
+        why = f"has a part longer than {MAX_RUN_NAME} bytes (its set-aside copy .<name>.replaced must fit in 255)"
+    if why is not None:
+        raise ValueError(f"{key} {why}")
+    return name
+
+
 class OutputConfig(Strict):
     dir: Path = Path("runs")
-    name: str | None = Field(None, description="run folder name; None: the experiment name")
+    name: str | None = Field(None, description="run folder name: a relative path inside output.dir (no '.', '..' "
+                                               "or hidden parts); None: the experiment name")
     tensorboard: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return v if v is None else check_run_name(v, "output.name")
 
 
 class ExperimentConfig(Strict):
@@ -284,6 +321,11 @@ class ExperimentConfig(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     trainer: TrainerConfig = TrainerConfig()
     output: OutputConfig = OutputConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        return check_run_name(v, "the experiment name (the run folder when output.name is null)")
 
     @property
     def run_dir(self) -> Path:

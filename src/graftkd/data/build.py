@@ -170,9 +170,9 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
         records, classes, report = read_csv_manifest(root, cfg.on_bad_file)  # type: ignore[arg-type]
         root = root.parent if root is not None else None
     info.update(report)
-    if array is None:  # every file fully decoded once (remembered per size and mtime): the sizes the cache needs
+    if array is None:  # every file fully decoded once in worker processes (remembered per content hash)
         memo = work / ".cache" / "verified" / f"{hashlib.sha1(str(Path(root or '.').resolve()).encode()).hexdigest()[:16]}.json"
-        checked = verify_images([r.path for r in records], memo)  # type: ignore[misc]
+        checked = verify_images([r.path for r in records], memo, max_pixels=cfg.max_pixels)  # type: ignore[misc]
         bad = [f"{p}: {v}" for p, v in checked.items() if isinstance(v, str)]
         if bad and cfg.on_bad_file == "error":
             raise UserError(f"cannot decode image {bad[0]} (set data.on_bad_file=skip to leave such files out"
@@ -224,7 +224,8 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
         else:
             datasets[name] = FileDataset(recs, augment, ev, seed, base_side(cfg.image_size),
                                          sizes=[sizes[r.path] for r in recs],  # type: ignore[index]
-                                         cache=cfg.decoded_cache, cache_dir=work / ".cache" / "decoded")
+                                         cache=cfg.decoded_cache, cache_dir=work / ".cache" / "decoded",
+                                         max_pixels=cfg.max_pixels)
     info.update({
         "root": str(cfg.root) if cfg.root is not None else info.get("synthetic", {}).get("root"),
         "classes": classes, "num_classes": len(classes),

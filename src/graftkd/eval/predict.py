@@ -13,7 +13,7 @@ from graftkd.files import atomic_write_text
 from graftkd.errors import UserError
 from graftkd.export import Predictor
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from graftkd.data.pixels import IMAGE_SUFFIXES
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -31,16 +31,24 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def load_image(path: Path, transform: Any) -> torch.Tensor:
-    """Decode as RGB with torchvision.io and apply the card's eval transform; UserError naming the file."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+def check_images(paths: Sequence[Path]) -> None:
+    """Fully decode every image in worker processes first (a decoder crash marks the file bad instead
+    of ending graftkd); the first bad file is a one-line error naming it."""
+    from graftkd.data.datasets import verify_images
 
-    try:
-        img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"cannot read image {path}: {reason}") from None
-    return transform(img)
+    checked = verify_images([str(p) for p in paths])
+    bad = [(p, v) for p, v in checked.items() if isinstance(v, str)]
+    if bad:
+        more = f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""
+        raise UserError(f"cannot read image {bad[0][0]}: {bad[0][1]}{more}")
+
+
+def load_image(path: Path, transform: Any) -> torch.Tensor:
+    """Decode as RGB by training's rule (``graftkd.data.pixels``: PIL, 16-bit and float scaled) and
+    apply the card's eval transform; UserError naming the file."""
+    from graftkd.data.datasets import decode_file
+
+    return transform(decode_file(str(path)))
 
 
 def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
@@ -55,6 +63,7 @@ def predict_probs(model: Predictor, card: dict[str, Any], paths: Sequence[Path],
     from graftkd.data.transforms import eval_transform
 
     transform = eval_transform(card["image_size"], tuple(card["mean"]), tuple(card["std"]))
+    check_images(paths)
     out = []
     for i in range(0, len(paths), batch_size):
         x = torch.stack([load_image(p, transform) for p in paths[i:i + batch_size]])
