@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from graftkd.errors import UserError
+from graftkd.errors import UserError, positive_int
 
 if TYPE_CHECKING:  # the schema is imported when a command runs: building it costs ~0.5 s of `--help`
     from graftkd.config import ExperimentConfig
@@ -23,7 +23,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run folder from checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder; the old one is kept (as .<name>.replaced) until "
                                                          "the new run has written its first checkpoint")
-    p.add_argument("--nproc", type=int, default=1, help="launch this many processes with torchrun (DDP)")
+    p.add_argument("--nproc", type=positive_int, default=1, help="launch this many processes with torchrun (DDP)")
 
 
 def _config_for(args: argparse.Namespace) -> ExperimentConfig:
@@ -102,7 +102,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
                    help="keys: name, data, teachers, student, common, shots, seeds, steps, methods "
                         "(name -> config fragment), baseline; see docs/compare.md")
     p.add_argument("overrides", nargs="*", metavar="a.b=c", help="overrides of the study YAML (e.g. seeds=[0,1])")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (each in its own process when > 1)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs at once (each in its own process when > 1)")
     p.add_argument("--results", type=Path, help="also write the JSON here")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each would be reused")
     p.add_argument("--methods", nargs="+", metavar="NAME", help="only these methods of the study (same runs)")

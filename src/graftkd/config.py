@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from graftkd.config_errors import format_validation_error
 from graftkd.errors import UserError
 from graftkd.registry import Registry
+
+
+#: a seed: what torch.manual_seed and the derived seeds take (0 .. 2**64 - 1)
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
+#: a positive normalisation std (images are divided by it)
+PositiveStd = Annotated[float, Field(gt=0)]
 
 
 class Strict(BaseModel):
@@ -55,7 +61,7 @@ class SplitConfig(Strict):
     val_fraction: float = Field(0.2, ge=0, lt=1, description="val carved from train groups (kfold/official/predefined)")
     folds_csv: Path | None = Field(None, description="official BreakHis Folds.csv (fold,mag,grp,filename)")
     file: Path | None = Field(None, description="a split CSV written by an earlier run, re-used as is")
-    seed: int | None = Field(None, description="split seed; None means the experiment seed")
+    seed: Seed | None = Field(None, description="split seed; None means the experiment seed")
     on_empty_class: Literal["error", "warn"] = Field(
         "error", description="a class that has images but none in train, val or test: error (naming the class), "
                              "or warn (one line on stderr) and go on")
@@ -78,7 +84,7 @@ class SyntheticConfig(Strict):
                                                                        "(same at every magnification); None: all equal")
     size: tuple[int, int] = Field((128, 128), description="width, height in pixels")
     magnifications: list[Literal[40, 100, 200, 400]] = [40, 100, 200, 400]
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _range(self) -> "SyntheticConfig":
@@ -96,7 +102,7 @@ class DataConfig(Strict):
     image_size: int = Field(64, ge=8, le=2048)
     augment: Literal["histology", "cifar", "none"] = "histology"
     mean: tuple[float, float, float] | None = Field(None, description="None: the source's preset")
-    std: tuple[float, float, float] | None = None
+    std: tuple[PositiveStd, PositiveStd, PositiveStd] | None = None
     split: SplitConfig = SplitConfig()
     shots: int | None = Field(None, ge=1, description="few-shot: N training images per class (drawn with the "
                                                      "experiment seed; with shots_file/shots_column: the count "
@@ -147,7 +153,7 @@ class TeacherConfig(ModelConfig):
     """A frozen teacher: a checkpoint from `graftkd train`, or a timm name with pretrained: true."""
 
     mean: tuple[float, float, float] | None = Field(None, description="input normalisation; None: from checkpoint or data")
-    std: tuple[float, float, float] | None = None
+    std: tuple[PositiveStd, PositiveStd, PositiveStd] | None = None
 
 
 class FusionConfig(Strict):
@@ -309,7 +315,7 @@ class OutputConfig(Strict):
 
 class ExperimentConfig(Strict):
     name: str = "experiment"
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     teachers: list[TeacherConfig] = Field(default_factory=list)
@@ -388,6 +394,42 @@ def apply_override(tree: dict, parts: list[str], value: Any) -> None:
         node[last] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (safe_load keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} on line {line} (first given on line {seen[key]})",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """A YAML file, read safely: UTF-8 only, no duplicate keys, no tags; one-line UserError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"file not found: {p}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as "
+                        f"UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {p}: {e.strerror or e}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  a SafeLoader subclass
+    except yaml.constructor.ConstructorError as e:
+        raise UserError(f"{p}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read a YAML file (safe_load), apply ``a.b=c`` overrides, validate into ExperimentConfig."""
     raw: dict = {}
@@ -397,10 +439,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         source = str(p)
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise UserError(f"{p}: not valid YAML: {e}") from None
+        loaded = read_yaml(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -31,6 +31,11 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
+def default_file_mode() -> int:
+    """The permission bits every output file gets (0666 minus the umask, as ``open()`` gives)."""
+    return _FILE_MODE
+
+
 def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> Path:
     path = Path(path)
     try:
@@ -107,8 +112,16 @@ def _parse_number(v: str) -> Any:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Atomically save a checkpoint dict (tensors, numbers, strings, lists, dicts only)."""
+    import io
+
     state = {"format": CHECKPOINT_FORMAT, **state}
-    return _atomic(path, lambda f: torch.save(state, f), "wb")
+
+    def write(f: Any) -> None:  # serialised first: a full disk is then an OSError naming the file, not a zip error
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        f.write(buf.getbuffer())
+
+    return _atomic(path, write, "wb")
 
 
 def _load_failure(e: BaseException) -> str:

@@ -250,3 +250,55 @@ def test_resume_with_a_changed_lr_is_refused_and_config_yaml_is_never_rewritten(
         assert_one_line_error(rc, capsys.readouterr().err, "optimizer.lr (0.1 -> 0.05)")
     finally:
         (run_dir / "config.yaml").write_bytes(config)
+
+
+# ---------------------------------------------------------------------------------- compare
+PARENT = """
+import subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+from graftkd.study import end_with_parent
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=end_with_parent)
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_runs_compare_starts_end_when_compare_ends(tmp_path: Path) -> None:
+    """compare's run processes get SIGTERM when compare dies, even by SIGKILL (no orphans to race a rerun)."""
+    import signal
+
+    src = str(Path(graftkd.methods.__file__).parents[2])
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, src], stdout=subprocess.PIPE, text=True, env=env())
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(200):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        import time
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the child outlived its parent")
+
+
+def test_a_second_compare_on_one_study_folder_gets_one_line(tmp_path: Path) -> None:
+    from graftkd.study import compare
+
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: s\nout: {tmp_path / 'study'}\nsteps: 1\nmethods: {{sup: {{}}}}\n")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "study"), str(Path(graftkd.methods.__file__)
+                               .parents[2])], env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"is being written by another graftkd process \(PID {holder.pid}\)"):
+            compare(study)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "study").exists()
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "thesis.tex").write_text("the user's")
+    with pytest.raises(UserError, match="will not write a study into .*study: it is not a folder graftkd created"):
+        compare(study)

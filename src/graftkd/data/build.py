@@ -119,6 +119,17 @@ def given_shots(records: Sequence[Record], assign: Sequence[str], cfg: DataConfi
     return chosen, source
 
 
+def check_labelled_classes(train: Sequence[Record], in_train: Sequence[int], classes: list[str], what: str) -> None:
+    """A few-shot set that leaves a class of the training split without labelled images is an error
+    naming the class (as a split that leaves a class out is)."""
+    have = {r.label for r in train}
+    left = [classes[c] for c in in_train if c not in have]
+    if left:
+        raise UserError(f"{what} has no labelled training image of class {left[0]!r}"
+                        + (f" (nor of {', '.join(map(repr, left[1:]))})" if len(left) > 1 else "")
+                        + "; every class needs at least one")
+
+
 def shot_report(train: Sequence[Record], classes: list[str], root: Path | None, how: dict) -> dict:
     """``info["fewshot"]``: shots per class (and the common count, when every class has it) and the
     training images themselves, as splits.csv ids."""
@@ -198,8 +209,10 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
     parts = {s: [r for r, a in zip(records, assign) if a == s] for s in SPLITS}
     if not parts["train"]:
         raise UserError(f"the split left no training images ({len(records)} images, {split_desc})")
+    in_train = sorted({r.label for r in parts["train"]})
     if cfg.shots_file is not None or cfg.shots_column is not None:
         parts["train"], given = given_shots(records, assign, cfg, root)
+        check_labelled_classes(parts["train"], in_train, classes, f"the given labelled set ({given})")
         shot_info = shot_report(parts["train"], classes, root, {"given": given})
         if cfg.shots is not None and any(n != cfg.shots for n in shot_info["per_class"].values()):
             raise UserError(f"data.shots = {cfg.shots}, but the given labelled set ({given}) has "
@@ -208,6 +221,7 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
         # the split is fixed by data.split.seed; the shots drawn from it vary with the experiment seed
         keep, drawn = few_shot(parts["train"], cfg.shots, cfg.max_per_group, seed)
         parts["train"] = [parts["train"][i] for i in keep]
+        check_labelled_classes(parts["train"], in_train, classes, "the drawn few-shot set")
         shot_info = {}
         if drawn:
             shot_info = shot_report(parts["train"], classes, root, {

@@ -83,19 +83,23 @@ class DecodedCache:
         if cache_dir is None:
             raise ValueError("mmap cache needs a folder")
         key = hashlib.sha1(json.dumps([CACHE_VERSION, key_parts, self.shapes]).encode()).hexdigest()[:16]
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        data_path, flag_path = cache_dir / f"decoded-{key}.u8", cache_dir / f"decoded-{key}.flags"
-        fresh = not (data_path.exists() and flag_path.exists()
-                     and data_path.stat().st_size == total and flag_path.stat().st_size == len(self.shapes))
-        if fresh:
-            for p, n in ((data_path, total), (flag_path, len(self.shapes))):
-                with open(p, "wb") as f:
-                    f.truncate(n)
-            atomic_write_json(cache_dir / f"decoded-{key}.json",
-                              {"version": CACHE_VERSION, "items": len(self.shapes), "bytes": total,
-                               "first": str(key_parts[0][0]) if key_parts else None})
-        self.data = np.memmap(data_path, dtype=np.uint8, mode="r+", shape=(total,))
-        self.filled = np.memmap(flag_path, dtype=np.uint8, mode="r+", shape=(len(self.shapes),))
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            data_path, flag_path = cache_dir / f"decoded-{key}.u8", cache_dir / f"decoded-{key}.flags"
+            fresh = not (data_path.exists() and flag_path.exists()
+                         and data_path.stat().st_size == total and flag_path.stat().st_size == len(self.shapes))
+            if fresh:
+                for p, n in ((data_path, total), (flag_path, len(self.shapes))):
+                    with open(p, "wb") as f:
+                        f.truncate(n)
+                atomic_write_json(cache_dir / f"decoded-{key}.json",
+                                  {"version": CACHE_VERSION, "items": len(self.shapes), "bytes": total,
+                                   "first": str(key_parts[0][0]) if key_parts else None})
+            self.data = np.memmap(data_path, dtype=np.uint8, mode="r+", shape=(total,))
+            self.filled = np.memmap(flag_path, dtype=np.uint8, mode="r+", shape=(len(self.shapes),))
+        except OSError as e:
+            raise UserError(f"cannot write the decoded-image cache in {cache_dir}: {e.strerror or e} "
+                            f"(set data.decoded_cache=memory or none)") from None
         self.location = data_path
 
     def get(self, i: int) -> torch.Tensor | None:
