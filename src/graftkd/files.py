@@ -170,11 +170,22 @@ def mark_folder(folder: Path, kind: str) -> Path:
 
 
 def folder_kind(folder: Path) -> str | None:
-    """``"run"`` or ``"study"`` for a folder graftkd marked, else None."""
+    """``"run"`` or ``"study"`` for a folder graftkd marked, else None. A run folder made before
+    marks existed counts as marked when it has graftkd's two signatures: a ``config.yaml`` headed by
+    graftkd's launch line and a ``checkpoints/last.pt`` in graftkd's checkpoint format."""
+    folder = Path(folder)
     try:
-        return str(json.loads((Path(folder) / MARK).read_text()).get("kind"))
+        return str(json.loads((folder / MARK).read_text()).get("kind"))
     except (OSError, ValueError, AttributeError):
-        return None
+        pass
+    try:
+        with (folder / "config.yaml").open(encoding="utf-8") as f:
+            headed = f.readline().startswith("# launched with ")
+        if headed and load_checkpoint(folder / "checkpoints" / "last.pt").get("format") == CHECKPOINT_FORMAT:
+            return "run"
+    except (OSError, UnicodeDecodeError, UserError):
+        pass
+    return None
 
 
 def require_mark(folder: Path, kind: str, action: str) -> None:

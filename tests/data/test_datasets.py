@@ -160,3 +160,33 @@ def test_build_few_shot_only_train(synth_tree: Path) -> None:
     assert len(b.val) + len(b.test) == 64 and b.info["fewshot"]["per_class"] == {"benign": 3, "malignant": 3}
     assert b.info["counts"]["train"]["images"] == 6 and b.info["split_seed"] == 0
     assert set(b.info["groups"]["train"]).isdisjoint(b.info["groups"]["test"])
+
+
+def test_a_file_changed_in_place_never_serves_its_old_pixels_from_the_mmap_cache(tmp_path: Path) -> None:
+    """Same size, same mtime, other pixels: the scan memo and the mmap cache are keyed by content."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    def save(path: Path, seed: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr = np.random.default_rng(seed).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(path, compress_level=0)  # stored, not compressed: the size depends on 20x20 only
+
+    for c in ("a", "b"):
+        for i in range(4):
+            save(tmp_path / "d" / c / f"{i}.png", seed=10 * (c == "b") + i)
+    cfg = DataConfig(source="folder", root=tmp_path / "d", image_size=16, decoded_cache="mmap", augment="none",
+                     split=SplitConfig(train=0.5, val=0.25, test=0.25))
+    first = build_data(cfg, 0, None, work_dir=tmp_path / "w")
+    target = Path(first.train.records[0].path)
+    old = [first.train.base(i).clone() for i in range(len(first.train))]
+    st = os.stat(target)
+    save(target, seed=99)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(target).st_size == st.st_size
+    again = build_data(cfg, 0, None, work_dir=tmp_path / "w")
+    fresh = build_data(cfg.model_copy(update={"decoded_cache": "none"}), 0, None, work_dir=tmp_path / "w2")
+    assert torch.equal(again.train.base(0), fresh.train.base(0)) and not torch.equal(again.train.base(0), old[0])
+    assert all(torch.equal(again.train.base(i), old[i]) for i in range(1, len(old)))

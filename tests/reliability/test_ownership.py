@@ -302,3 +302,16 @@ def test_a_second_compare_on_one_study_folder_gets_one_line(tmp_path: Path) -> N
     (tmp_path / "study" / "thesis.tex").write_text("the user's")
     with pytest.raises(UserError, match="will not write a study into .*study: it is not a folder graftkd created"):
         compare(study)
+
+
+def test_runs_made_before_marks_count_only_with_both_graftkd_signatures(tmp_path: Path) -> None:
+    from graftkd.files import folder_kind, save_checkpoint
+
+    old = tmp_path / "old"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "config.yaml").write_text("# launched with 1 process(es) (backend none): global batch 4\nname: old\n")
+    assert folder_kind(old) is None  # the header alone is not enough
+    save_checkpoint(old / "checkpoints" / "last.pt", {"kind": "train_state"})
+    assert folder_kind(old) == "run"
+    (old / "config.yaml").write_text("name: a config of the user's\n")
+    assert folder_kind(old) is None  # a graftkd checkpoint alone is not enough

@@ -131,6 +131,10 @@ def test_duplicate_yaml_keys_and_non_utf8_configs_are_one_line_errors(tmp_path: 
     rc = main(["train", "-c", str(dup)])
     assert_one_line_error(rc, capsys.readouterr().err, str(dup), "duplicate key 'trainer' on line 6",
                           "first given on line 2")
+    merged = tmp_path / "merge.yaml"  # YAML merge keys may still be overridden
+    merged.write_text("opt: &o\n  lr: 0.1\n  momentum: 0.5\noptimizer:\n  <<: *o\n  lr: 0.2\n")
+    from graftkd.config import read_yaml
+    assert read_yaml(merged)["optimizer"] == {"lr": 0.2, "momentum": 0.5}
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
     rc = main(["train", "-c", str(latin)])

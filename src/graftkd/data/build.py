@@ -163,6 +163,7 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
     info: dict = {"source": cfg.source}
     array = None
     sizes: dict[str, tuple[int, int]] = {}
+    content_keys: dict[str, str] = {}
     root: Path | None = Path(cfg.root) if cfg.root is not None else None
     if cfg.source in ("breakhis", "synthetic"):
         if cfg.source == "synthetic":
@@ -183,7 +184,8 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
     info.update(report)
     if array is None:  # every file fully decoded once in worker processes (remembered per content hash)
         memo = work / ".cache" / "verified" / f"{hashlib.sha1(str(Path(root or '.').resolve()).encode()).hexdigest()[:16]}.json"
-        checked = verify_images([r.path for r in records], memo, max_pixels=cfg.max_pixels)  # type: ignore[misc]
+        checked = verify_images([r.path for r in records], memo, max_pixels=cfg.max_pixels,  # type: ignore[misc]
+                                digests_out=content_keys)
         bad = [f"{p}: {v}" for p, v in checked.items() if isinstance(v, str)]
         if bad and cfg.on_bad_file == "error":
             raise UserError(f"cannot decode image {bad[0]} (set data.on_bad_file=skip to leave such files out"
@@ -239,7 +241,7 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
             datasets[name] = FileDataset(recs, augment, ev, seed, base_side(cfg.image_size),
                                          sizes=[sizes[r.path] for r in recs],  # type: ignore[index]
                                          cache=cfg.decoded_cache, cache_dir=work / ".cache" / "decoded",
-                                         max_pixels=cfg.max_pixels)
+                                         max_pixels=cfg.max_pixels, content_keys=content_keys)
     info.update({
         "root": str(cfg.root) if cfg.root is not None else info.get("synthetic", {}).get("root"),
         "classes": classes, "num_classes": len(classes),

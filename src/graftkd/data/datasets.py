@@ -172,7 +172,8 @@ class FileDataset(ViewDatasetBase):
 
     def __init__(self, records: Sequence[Record], augment: Callable | None, eval_tf: Callable, seed: int,
                  side: int, sizes: Sequence[tuple[int, int]] | None = None, cache: str = "none",
-                 cache_dir: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 cache_dir: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 content_keys: dict[str, str] | None = None) -> None:
         super().__init__(records, augment, eval_tf, seed)
         self.side, self.max_pixels = side, max_pixels
         self.cache: DecodedCache | None = None
@@ -180,7 +181,10 @@ class FileDataset(ViewDatasetBase):
             if sizes is None:
                 sizes = [_verified_or_raise(r.path, max_pixels) for r in self.records]
             shapes = [base_shape(w, h, side) for w, h in sizes]
-            key_parts = [[r.path, *_stat(r.path)] for r in self.records] + [side]
+            # the mmap cache is keyed by each file's content hash when the scan gave it (size and mtime
+            # otherwise): a file changed in place never serves its old pixels
+            key_parts = [[r.path, content_keys[r.path]] if content_keys and r.path in content_keys
+                         else [r.path, *_stat(r.path)] for r in self.records] + [side]
             self.cache = DecodedCache(shapes, cache, cache_dir, key_parts)
 
     def base(self, i: int) -> torch.Tensor:

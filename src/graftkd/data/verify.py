@@ -85,7 +85,8 @@ def _workers(n: int | None) -> int:
 
 
 def verify_images(paths: Sequence[str], memo: Path | None = None, workers: int | None = None,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, tuple[int, int] | str]:
+                  max_pixels: int = DEFAULT_MAX_PIXELS,
+                  digests_out: dict[str, str] | None = None) -> dict[str, tuple[int, int] | str]:
     """Fully decode every file in worker processes: ``{path: (width, height) or reason}``.
 
     A decoder that crashes (a native fault on a damaged file) marks that file bad, it does not end
@@ -105,6 +106,8 @@ def verify_images(paths: Sequence[str], memo: Path | None = None, workers: int |
     n = _workers(workers)
     with ThreadPoolExecutor(max_workers=n) as pool:
         digests = list(pool.map(content_hash, paths))
+    if digests_out is not None:  # the content keys, for caches of decoded pixels (build_data's mmap cache)
+        digests_out.update({p: d for p, d in zip(paths, digests) if d is not None})
     todo: list[tuple[str, str]] = []
     for p, digest in zip(paths, digests):
         if digest is None:
