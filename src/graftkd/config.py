@@ -394,6 +394,10 @@ def apply_override(tree: dict, parts: list[str], value: Any) -> None:
         node[last] = value
 
 
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (safe_load keeps the last)."""
 
@@ -405,7 +409,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(
+                raise DuplicateKey(
                     None, None, f"duplicate key {key!r} on line {line} (first given on line {seen[key]})",
                     key_node.start_mark)
             seen[key] = line
@@ -426,7 +430,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
         raise UserError(f"cannot read {p}: {e.strerror or e}") from None
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  a SafeLoader subclass
-    except yaml.constructor.ConstructorError as e:
+    except DuplicateKey as e:
         raise UserError(f"{p}: {e.problem}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
