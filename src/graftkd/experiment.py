@@ -7,6 +7,7 @@ exported student, metrics.json. The top of the stack: it imports every layer, no
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from graftkd.config import ExperimentConfig, config_to_yaml
+from graftkd.data.stain import STAIN_FILE, STAIN_KEY
 from graftkd.distributed import DistContext, init_distributed
 from graftkd.engine.trainer import Trainer
 from graftkd.errors import UserError
@@ -277,6 +279,9 @@ def preflight(cfg: ExperimentConfig, resume: bool, overwrite: bool, *, is_main: 
         recover_interrupted_replacement(cfg.run_dir)
     check_run_folder(cfg, resume, overwrite)
     data = build_data(cfg.data, cfg.seed, None, work_dir=cfg.output.dir)
+    if data.unlabeled is not None and cfg.fusion.strategy == "confidence" and len(cfg.teachers) > 1:
+        raise UserError("fusion.strategy = confidence weighs teachers by their loss on the label, which unlabelled "
+                        "images (data.unlabeled) do not have; choose mean, accuracy, entropy or best")
     build_student_factory(cfg, data.num_classes)()
     for i, t in enumerate(cfg.teachers):
         load_teacher(t, i, list(data.classes), tuple(data.mean), tuple(data.std))
@@ -362,13 +367,15 @@ def _execute_locked(cfg: ExperimentConfig, device: torch.device, dist: DistConte
         else:
             start.defer(lambda: save_resolved_config(cfg, run_dir, dist))
         start.defer(lambda: data.write_splits(run_dir))
+        if data.stain is not None:
+            start.defer(lambda: atomic_write_json(run_dir / STAIN_FILE, data.stain.describe()))
         seed_everything(cfg.seed)  # identical initial weights on every rank (rank 0's are broadcast anyway)
         factory = METHODS.get(cfg.method.name)
         method = factory(cfg, data, build_student=build_student_factory(cfg, data.num_classes), run_dir=run_dir,
                          device=device, dist=dist)
         trainer = Trainer(cfg, run_dir, device, dist)
         trainer.on_checkpoint = start.commit
-        result = trainer.fit(method, data.train, data.val, resume=resume)
+        result = trainer.fit(method, data.train, data.val, resume=resume, unlabeled=data.unlabeled)
     train_s = time.perf_counter() - t0
     if not dist.is_main:
         return run_dir
@@ -391,12 +398,17 @@ def _finish(cfg: ExperimentConfig, device: torch.device, dist: DistContext, data
     save_model_file(run_dir / "model.pt", student, arch=arch, num_classes=data.num_classes, classes=data.classes,
                     mean=data.mean, std=data.std, image_size=data.image_size,
                     extra={"run": str(run_dir), "method": cfg.method.name, "best_epoch": result.best_epoch,
-                           "best_phase": result.best_phase, "model_kwargs": dict(cfg.model.kwargs)})
+                           "best_phase": result.best_phase, "model_kwargs": dict(cfg.model.kwargs),
+                           **({STAIN_KEY: data.stain.describe()} if data.stain is not None else {})})
     for name, out in method.extra_outputs().items():
         save_model_file(run_dir / f"{name}.pt", out.module, arch=out.arch, num_classes=data.num_classes,
                         classes=data.classes, mean=out.mean or data.mean, std=out.std or data.std,
                         image_size=data.image_size,
-                        extra={"run": str(run_dir), "role": name, "model_kwargs": dict(out.kwargs)})
+                        extra={"run": str(run_dir), "role": name, "model_kwargs": dict(out.kwargs),
+                               **({STAIN_KEY: data.stain.describe()} if data.stain is not None else {})})
+    if data.unlabeled is not None:  # how many unlabelled images the run had and drew
+        per_rank = -(-len(data.unlabeled) // dist.world_size)
+        data.info["unlabeled"]["drawn"] = result.steps * min(cfg.data.unlabeled_batch_size, per_rank) * dist.world_size
     metrics: dict[str, Any] = {
         "run": str(run_dir), "method": cfg.method.name, "student": arch, "checkpoint": "model.pt (best on val)",
         "selection": {"metric": cfg.trainer.select_metric, "phase": result.best_phase, "epoch": result.best_epoch,
@@ -411,10 +423,54 @@ def _finish(cfg: ExperimentConfig, device: torch.device, dist: DistContext, data
     for split, ds in (("val", data.val), ("test", data.test)):
         metrics[split] = score_split(method.eval_logits, ds, cfg, device, data.classes, rows, split)
     write_predictions_csv(run_dir / "predictions.csv", rows)
-    metrics.update(method.final_metrics(
-        lambda fn, split: score_split(fn, getattr(data, split), cfg, device, data.classes)))
+    metrics.update(method.final_metrics(score_memo(cfg, data, device)))
     atomic_write_json(run_dir / "metrics.json", metrics)
     return run_dir
+
+
+#: data settings that change no evaluation view (training-set draws, batches, loader workers)
+_EVAL_NEUTRAL = {"shots", "max_per_group", "shots_file", "shots_column", "batch_size", "eval_batch_size",
+                 "num_workers", "augment", "on_bad_file", "decoded_cache"}
+
+
+def score_memo(cfg: ExperimentConfig, data: Any, device: torch.device):
+    """``score(fn, split, key=None)`` for ``Method.final_metrics``. With a ``key`` (what ``fn`` is, by
+    content: a frozen teacher's weight checksum, an ensemble's teachers and weights) the metrics are
+    kept in ``<output.dir>/.cache/scores/``, keyed by it, the split's records, the evaluation
+    settings (data view, fitted stain normalisation, precision, channels_last, device) and the package source
+    (``code_revision``): the runs of a study, which share ``output.dir``, score each teacher and
+    ensemble once instead of once per run."""
+    from graftkd.runtime import code_revision
+    from graftkd.teachers.ensemble import records_hash
+
+    folder = Path(cfg.output.dir) / ".cache" / "scores"
+    fixed: dict[str, Any] = {}
+
+    def score(fn: Any, split: str, key: Any = None) -> dict[str, Any]:
+        ds = getattr(data, split)
+        if key is None:
+            return score_split(fn, ds, cfg, device, data.classes)
+        if not fixed:
+            fixed.update(code=code_revision()["code"], precision=resolve_precision(cfg, device)[0],
+                         channels_last=cfg.trainer.channels_last, device=device.type, classes=list(data.classes),
+                         view=[data.image_size, list(data.mean), list(data.std)],
+                         data=cfg.data.model_dump(mode="json", exclude=_EVAL_NEUTRAL),
+                         stain=data.stain.fingerprint() if getattr(data, "stain", None) is not None else None)
+        digest = hashlib.sha256(json.dumps([fixed, key, split, records_hash(ds.records)], sort_keys=True,
+                                           default=str).encode()).hexdigest()
+        path = folder / f"{digest[:40]}.json"
+        try:
+            return json.loads(path.read_text())["metrics"]
+        except (OSError, ValueError, KeyError):
+            pass
+        metrics = score_split(fn, ds, cfg, device, data.classes)
+        try:
+            atomic_write_json(path, {"key": key, "split": split, "metrics": metrics})
+        except UserError:
+            pass  # an unwritable output folder: no memo, the same metrics
+        return metrics
+
+    return score
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:

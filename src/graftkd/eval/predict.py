@@ -43,12 +43,16 @@ def check_images(paths: Sequence[Path]) -> None:
         raise UserError(f"cannot read image {bad[0][0]}: {bad[0][1]}{more}")
 
 
-def load_image(path: Path, transform: Any) -> torch.Tensor:
+def load_image(path: Path, transform: Any, stain: Any = None, side: int | None = None) -> torch.Tensor:
     """Decode as RGB by training's rule (``graftkd.data.pixels``: PIL, 16-bit and float scaled) and
-    apply the card's eval transform; UserError naming the file."""
-    from graftkd.data.datasets import decode_file
+    apply the card's eval transform; UserError naming the file. With ``stain`` (the card's fitted
+    normaliser), the image is first resized to the base image (short side ``side``) and normalised,
+    as the training pipeline does."""
+    from graftkd.data.datasets import base_image, decode_file
 
-    return transform(decode_file(str(path)))
+    if stain is None:
+        return transform(decode_file(str(path)))
+    return transform(stain(base_image(str(path), side)))  # type: ignore[arg-type]
 
 
 def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
@@ -60,13 +64,17 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
 def predict_probs(model: Predictor, card: dict[str, Any], paths: Sequence[Path], tta: bool = False,
                   batch_size: int = 32) -> torch.Tensor:
     """Softmax probabilities [N, C] of the images (TTA: mean over the dihedral views)."""
-    from graftkd.data.transforms import eval_transform
+    from graftkd.data.stain import STAIN_KEY, StainNormalizer
+    from graftkd.data.transforms import base_side, eval_transform
 
     transform = eval_transform(card["image_size"], tuple(card["mean"]), tuple(card["std"]))
     check_images(paths)
+    stain = StainNormalizer.from_description(card[STAIN_KEY]) if card.get(STAIN_KEY) else None
+    size = card["image_size"]
+    side = base_side(size if isinstance(size, int) else min(size))
     out = []
     for i in range(0, len(paths), batch_size):
-        x = torch.stack([load_image(p, transform) for p in paths[i:i + batch_size]])
+        x = torch.stack([load_image(p, transform, stain, side) for p in paths[i:i + batch_size]])
         views = dihedral_views(x) if tta else [x]
         out.append(torch.stack([model(v).float().softmax(-1) for v in views]).mean(0))
     return torch.cat(out)
