@@ -130,7 +130,7 @@ def test_theta0_is_a_fixed_buffer_copy_and_the_drift_term_is_exact(tmp_path):
 
 def test_atf_with_lam_mu_ratio_zero_equals_offline_kd_after_training(tmp_path):
     offline = fit(cfg := make_cfg(tmp_path / "a", "method.mode=offline"), make_method(cfg))
-    zero = make_cfg(tmp_path / "b", "method.lam=0", "method.mu=0", "method.lr_ratio=0")
+    zero = make_cfg(tmp_path / "b", "method.lam=0", "method.mu=0", "method.lr_ratio=0", "method.teacher_bn=eval")
     atf = make_method(zero)
     before = teacher_state(atf)
     fit(zero, atf)
@@ -218,7 +218,7 @@ def test_build_train_and_report_two_adapting_teachers(tmp_path):
     assert (saved.mean, saved.std) == (method.teachers[1].mean, method.teachers[1].std)
     report = method.final_metrics(lambda fn, split: {"n": len(getattr(data, split))})["atf"]
     assert report["effective"] == {"lam": 1.0, "mu": 1e-3, "lr_ratio": 1.0, "teacher_every": 1,
-                                   "warmup_epochs": 0, "teacher_bn": "eval", "warmup_steps": None,
+                                   "warmup_epochs": 0, "teacher_bn": "train", "warmup_steps": None,
                                    "teacher_weight_decay": 0.0, "teacher_ce_weight": 1.0, "adapt": "all",
                                    "guard": None, "guard_every": None, "collapse_drop": 0.25,
                                    "collapse_window": 10}
@@ -353,7 +353,7 @@ def make_staged_method(cfg, seed=1):
 
 
 def test_head_probe_scores_the_teacher_as_a_validation_pass_does(tmp_path):
-    cfg = make_cfg(tmp_path, "method.guard=0.01", "method.adapt=head")
+    cfg = make_cfg(tmp_path, "method.guard=0.01", "method.adapt=head", "method.teacher_bn=eval")
     method = make_staged_method(cfg).eval()
     teacher = method.teachers[0]
     assert method.probe_views[0] is not None and method.val_features0.shape == (16, 64, 2, 2)
@@ -366,12 +366,12 @@ def test_head_probe_scores_the_teacher_as_a_validation_pass_does(tmp_path):
     assert row["guard"]["scored_from"] == "cached head features"
     # no probe when more than the head adapts or BN trains
     for extra in ("method.adapt=last_stage", "method.teacher_bn=train"):
-        other = make_staged_method(make_cfg(tmp_path, "method.guard=0.01", "method.adapt=head", extra))
+        other = make_staged_method(make_cfg(tmp_path, "method.guard=0.01", "method.adapt=head", "method.teacher_bn=eval", extra))
         assert other.probe_views[0] is None and other.val_features0 is None
 
 
 def test_guard_every_checks_after_every_n_teacher_updates(tmp_path, monkeypatch):
-    cfg = make_cfg(tmp_path, "method.guard=0.5", "method.guard_every=2", "method.adapt=head",
+    cfg = make_cfg(tmp_path, "method.guard=0.5", "method.guard_every=2", "method.adapt=head", "method.teacher_bn=eval",
                    "method.warmup_steps=3", "trainer.eval_every_steps=1000")
     method = make_staged_method(cfg)
     checks = []

@@ -103,9 +103,10 @@ class ATFMethod(MethodConfig, WarmupInSteps):
     warmup_steps: int | None = Field(None, ge=1, description="the same warm-up in optimiser steps (then "
                                                              "warmup_epochs must be 0; it is, unless given)")
     teacher_bn: Literal["train", "eval"] = Field(
-        "eval", description="mode of a pretrained teacher on its update steps: eval = running BN statistics "
-                            "used and never changed, no dropout (the frozen-teacher forward); train = batch "
-                            "statistics, running statistics updated, dropout on. Peers (online) always train")
+        "train", description="mode of a pretrained teacher on its update steps: train = batch statistics, running "
+                             "statistics updated, dropout on; eval = running BN statistics used and never changed, "
+                             "no dropout (the frozen-teacher forward; with the whole teacher adapting it collapsed "
+                             "the teacher on digits, docs/methods/atf.md). Peers (online) always train")
     teacher_weight_decay: float = Field(0.0, ge=0, description="weight decay of the teacher optimisers (atf, "
                                                                "offline_joint; the student's optimizer.weight_decay "
                                                                "would pull the teacher towards 0, against the anchor)")
