@@ -20,11 +20,17 @@ STATS = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 VAL = ToyViews(16, seed=1, augment=False)
 
 
+#: the toy teachers (ToyNet) have no stage view, so the whole teacher adapts; the student loss is the
+#: standardised alpha-divergence (the CIFAR-100 preset's, the class defaults before issue 23)
+FORMER = ["method.adapt=all", "method.lam=1", "method.temperature=2", "method.standardize=true",
+          "method.kd_weight=9", "method.divergence.kind=alpha", "method.divergence.alpha=0.5"]
+
+
 def make_cfg(tmp_path, *extra):
     return load_config(None, [f"output.dir={tmp_path}", "output.name=run", "output.tensorboard=false",
                               "trainer.progress=false", "trainer.epochs=2", "data.batch_size=8",
                               "optimizer.lr=0.1", "schedule.name=constant", "method.name=atf",
-                              "method.warmup_epochs=0", *extra])
+                              "method.warmup_epochs=0", *FORMER, *extra])
 
 
 def predict_val(fn):
@@ -107,7 +113,7 @@ def test_alpha_one_equals_kl(tmp_path):
                            reduction="batchmean")
     assert kl["kd"].item() == pytest.approx(by_hand.item(), rel=1e-6)
     for key in ("kd", "teacher_kd", "student_loss", "teacher_loss"):
-        assert alpha[key].item() == pytest.approx(kl[key].item(), rel=1e-6), key
+        assert alpha[key].item() == pytest.approx(kl[key].item(), rel=1e-6, abs=1e-5), key
 
 
 def test_theta0_is_a_fixed_buffer_copy_and_the_drift_term_is_exact(tmp_path):
@@ -218,7 +224,7 @@ def test_build_train_and_report_two_adapting_teachers(tmp_path):
     assert (saved.mean, saved.std) == (method.teachers[1].mean, method.teachers[1].std)
     report = method.final_metrics(lambda fn, split: {"n": len(getattr(data, split))})["atf"]
     assert report["effective"] == {"lam": 1.0, "mu": 1e-3, "lr_ratio": 1.0, "teacher_every": 1,
-                                   "warmup_epochs": 0, "teacher_bn": "train", "warmup_steps": None,
+                                   "warmup_epochs": 0, "teacher_bn": "eval", "warmup_steps": None,
                                    "teacher_weight_decay": 0.0, "teacher_ce_weight": 1.0, "adapt": "all",
                                    "guard": None, "guard_every": None, "collapse_drop": 0.25,
                                    "collapse_window": 10}
