@@ -185,8 +185,8 @@ def run_demo(quick: bool = False, data_root: str | None = None, out: str | Path 
         entry: dict[str, Any] = {"student": prof[f"student {name}"]}
         if chosen:  # the run's own teachers; its ensemble is all of them (one teacher: that teacher)
             entry["teachers"] = [{"name": a, **prof[f"teacher {arch_of[a]}"]} for a in chosen]
-            entry["ensemble"] = (prof["teacher ensemble"] if len(chosen) == len(teachers)
-                                 else prof[f"teacher {arch_of[chosen[0]]}"])
+            if len(chosen) in (1, len(teachers)):
+                entry["ensemble"] = prof["teacher ensemble" if len(chosen) > 1 else f"teacher {arch_of[chosen[0]]}"]
         for run in rs:
             m = read_metrics(run)
             m["latency"] = entry
