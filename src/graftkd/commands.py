@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from graftkd.errors import UserError
+from graftkd.errors import UserError, positive_int
 
 if TYPE_CHECKING:  # the schema is imported when a command runs: building it costs ~0.5 s of `--help`
     from graftkd.config import ExperimentConfig
@@ -23,7 +23,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run folder from checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder; the old one is kept (as .<name>.replaced) until "
                                                          "the new run has written its first checkpoint")
-    p.add_argument("--nproc", type=int, default=1, help="launch this many processes with torchrun (DDP)")
+    p.add_argument("--nproc", type=positive_int, default=1, help="launch this many processes with torchrun (DDP)")
 
 
 def _config_for(args: argparse.Namespace) -> ExperimentConfig:
@@ -43,9 +43,12 @@ def _run(args: argparse.Namespace, supervised: bool) -> int:
     if args.nproc > 1:
         from graftkd.engine.launch import relaunch_with_torchrun
         from graftkd.experiment import preflight
+        from graftkd.files import LOCK_ENV, FolderLock
 
-        preflight(cfg, args.resume, args.overwrite)  # user errors before any rank starts (no run folder yet)
-        return relaunch_with_torchrun(args.nproc)
+        with FolderLock(cfg.run_dir) as lock:  # the launcher holds the run folder; its ranks inherit the lock
+            preflight(cfg, args.resume, args.overwrite)  # user errors before any rank starts (no run folder yet)
+            os.environ[LOCK_ENV] = lock.child_env()[LOCK_ENV]
+            return relaunch_with_torchrun(args.nproc)
     from graftkd.experiment import execute, read_metrics
 
     run_dir = execute(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -130,7 +133,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
                    help="keys: name, data, teachers, student, common, shots, seeds, steps, methods "
                         "(name -> config fragment), baseline; see docs/compare.md")
     p.add_argument("overrides", nargs="*", metavar="a.b=c", help="overrides of the study YAML (e.g. seeds=[0,1])")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (each in its own process forked from a warm "
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs at once (each in its own process forked from a warm "
                                                        "worker when > 1; with --executor local|debug: jobs in flight)")
     p.add_argument("--executor", choices=EXECUTORS, default="pool",
                    help="pool: this machine (default); slurm: each run a Slurm job through submitit, with the "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -22,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from pydantic import Field, ValidationError
 
 import graftkd.methods  # noqa: F401  registers every method and its config section
-from graftkd.config import (ExperimentConfig, Strict, apply_override, config_to_yaml, deep_merge, parse_override,
-                            validate_config)
+from graftkd.config import (ExperimentConfig, Seed, Strict, apply_override, config_to_yaml, deep_merge, parse_override,
+                            read_yaml, validate_config)
 from graftkd.errors import UserError
 from graftkd.runtime import code_revision  # noqa: F401  (re-exported: benchmarks import it from here)
 
@@ -60,7 +60,7 @@ class StudyConfig(Strict):
     common: dict[str, Any] = Field(default_factory=dict, description="any other config sections every run shares")
     shots: list[int | None] = Field([None], min_length=1, description="labelled images per class (null: the "
                                                                        "whole training split / data's given set)")
-    seeds: list[int] = Field([0, 1, 2], min_length=1, description="experiment seeds (init, augmentation, draws)")
+    seeds: list[Seed] = Field([0, 1, 2], min_length=1, description="experiment seeds (init, augmentation, draws)")
     steps: int = Field(ge=1, description="optimiser steps of every run (trainer.steps): the equal budget")
     methods: dict[str, dict[str, Any]] = Field(min_length=1, description="name -> config fragment")
     baseline: str | None = Field(None, description="method the others are differenced against (None: the first)")
@@ -77,10 +77,7 @@ def load_study(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
     path = Path(path)
     if not path.is_file():
         raise UserError(f"study file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping")
     for text in overrides:
@@ -123,7 +120,7 @@ def build_jobs(study: StudyConfig) -> list[Job]:
     if study.base is not None:
         if not Path(study.base).is_file():
             raise UserError(f"study base config not found: {study.base}")
-        base = yaml.safe_load(Path(study.base).read_text()) or {}
+        base = read_yaml(study.base) or {}
     shared = {k: v for k, v in (("data", study.data), ("model", study.student)) if v}
     if study.teachers:
         shared["teachers"] = study.teachers
@@ -192,9 +189,12 @@ def run_config_file(cfg_file: str) -> str | None:
 
 
 def _forked_run(cfg_file: str, log_file: str, conn: Any) -> None:
-    """Body of a forked worker: stdout and stderr to the run's log, the outcome down ``conn``."""
+    """Body of a forked worker: stdout and stderr to the run's log, the outcome down ``conn``. The
+    worker ends when ``compare`` ends (``end_with_study``): no orphan run outlives it to race a rerun."""
     import os
     import traceback
+
+    end_with_study()
 
     fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
@@ -242,6 +242,7 @@ class WarmPool:
     def __init__(self) -> None:
         import multiprocessing as mp
 
+        os.environ[STUDY_PID_ENV] = str(os.getpid())  # the forkserver (started on first use) and its workers see it
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(self.preload())
         self.live: set[Any] = set()
@@ -279,6 +280,66 @@ def _write_job_config(job: Job, log_dir: Path) -> Path:
     cfg_file = log_dir / f"{job.cfg.name}.yaml"
     cfg_file.write_text(config_to_yaml(job.cfg))
     return cfg_file
+
+
+STUDY_PID_ENV = "GRAFTKD_STUDY_PID"
+
+
+def end_with_study(poll_s: float = 0.5) -> None:
+    """In a forked run: SIGTERM to itself once the ``compare`` process (``GRAFTKD_STUDY_PID``) is gone.
+    The worker's parent is the forkserver, which outlives ``compare`` by however long its own exit
+    takes, so its death signal (``end_with_parent``) alone is late; a watcher thread checks the study
+    process itself."""
+    import signal
+    import threading
+
+    end_with_parent()
+    pid = int(os.environ.get(STUDY_PID_ENV, "0"))
+    if pid <= 0:
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:
+                pass
+            time.sleep(poll_s)
+
+    threading.Thread(target=watch, name="graftkd-end-with-study", daemon=True).start()
+
+
+def end_with_parent() -> None:
+    """In a run's process: SIGTERM when the process that started it ends (Linux ``PR_SET_PDEATHSIG``;
+    the forkserver ends with ``compare``), so a study's runs never outlive ``compare`` however it
+    ends; a run stopped before its first checkpoint rolls back, a later one can be resumed."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent already ended between fork and prctl
+        os._exit(143)
+
+
+def claim_study_folder(folder: Path) -> None:
+    """Mark a new study folder as graftkd's; an existing one must be a study (marked, or an older
+    graftkd study: compare.json, logs/ or runs/) and not a folder of the user's."""
+    from graftkd.files import folder_kind, mark_folder, require_mark
+
+    if folder_kind(folder) == "study":
+        return
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"study folder {folder} is a file")
+    if folder.is_dir() and any(folder.iterdir()) and not any((folder / n).exists() for n in ("compare.json", "logs", "runs")):
+        require_mark(folder, "study", "write a study into")
+    folder.mkdir(parents=True, exist_ok=True)
+    mark_folder(folder, "study")
 
 
 def run_jobs(jobs: list[Job], revision: dict[str, str], parallel: int, log_dir: Path,
@@ -593,8 +654,9 @@ def compare(study_path: Path, overrides: list[str] | tuple[str, ...] = (), jobs:
             results: Path | None = None, command: str | None = None, dry_run: bool = False,
             methods: list[str] | None = None, executor: str = "pool") -> dict[str, Any]:
     """Run (or reuse) every run of the study and write compare.json, compare.md and compare.png.
-    ``methods`` restricts the study to those methods (their runs are the same as in the full study)."""
-    from graftkd.files import atomic_write_json, atomic_write_text
+    ``methods`` restricts the study to those methods (their runs are the same as in the full study).
+    The study folder is locked while compare writes it: a second compare on it gets one line."""
+    from graftkd.files import FolderLock
 
     study = load_study(study_path, overrides)
     if methods:
@@ -614,6 +676,17 @@ def compare(study_path: Path, overrides: list[str] | tuple[str, ...] = (), jobs:
             print(f"{state:5} {j.run_dir}")
         return {}
     t0 = time.perf_counter()
+    with FolderLock(folder, "study folder"):  # one compare per study folder
+        claim_study_folder(folder)
+        return _compare_locked(study, all_jobs, revision, folder, jobs, results, command, study_path, overrides, t0,
+                               executor)
+
+
+def _compare_locked(study: StudyConfig, all_jobs: list[Job], revision: dict[str, str], folder: Path, jobs: int,
+                    results: Path | None, command: str | None, study_path: Path,
+                    overrides: list[str] | tuple[str, ...], t0: float, executor: str) -> dict[str, Any]:
+    from graftkd.files import atomic_write_json, atomic_write_text
+
     reused, failed = run_jobs(all_jobs, revision, jobs, folder / "logs", executor, study.resources)
     rows, diffs = collect(study, [j for j in all_jobs if j.cfg.name not in failed])
     command = command or "graftkd compare " + shlex.join([str(study_path), *overrides])

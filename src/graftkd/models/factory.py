@@ -114,7 +114,18 @@ def _load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path
     extra = [k for k in state_dict if k not in own]
     if extra:
         raise UserError(f"{path}: state_dict has key '{extra[0]}' that the model does not have")
+    check_finite(state_dict, path)
     model.load_state_dict(state_dict, strict=True)
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], path: Path | str) -> None:
+    """Refuse weights with NaN or inf, naming the first such tensor: no model is built, scored,
+    exported or used as a teacher from them."""
+    for key, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            n = int((~torch.isfinite(value)).sum())
+            raise UserError(f"{path}: tensor '{key}' has {n} non-finite value(s) (NaN or inf) of {value.numel()}; "
+                            f"a model with non-finite weights is refused")
 
 
 def save_model_file(
