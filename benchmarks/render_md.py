@@ -426,7 +426,7 @@ def section_study_overhead(d: dict[str, Any]) -> str:
     def line(e: dict[str, Any], label: str) -> list[Any]:
         load = e.get("load_average_1min") or {}
         return [label, e["revision"][:10], e["runs"], e["jobs"], e["train_seconds"], e["wall_seconds"], f"{e['ratio']:.2f}",
-                f"{load.get('min')} to {load.get('max')}"]
+                f"{load['min']:.1f} to {load['max']:.1f}" if load.get("min") is not None else "-"]
 
     rows = ([line(d["before"], "before (a process per run, every run re-scores teachers)")] if d.get("before") else [])
     rows.append(line(d, "after (warm forked workers, per-study score memo)"))
@@ -434,7 +434,10 @@ def section_study_overhead(d: dict[str, Any]) -> str:
         "## What a study costs beyond its training (issue 25)", "",
         f"Command: `{d['command']}`. A `graftkd compare` study of {d['runs']} runs on the real digits (4 methods x 5 "
         f"seeds, {d['steps']} optimiser steps, 1 thread each), nothing reused; ratio = wall x jobs / the sum of "
-        "the runs' `train_seconds`.", "",
+        "the runs' `train_seconds`. The machine was shared (the 1-minute load average on its 2 cores is given): "
+        "the seconds are long, the ratios are what compares."
+        + (f" The before measurement (a {d['before']['runs']}-run subset of the same study: `{d['before']['command']}`) "
+           "ran at the same time, on the revision before issue 25." if d.get("before") else ""), "",
         table(["", "revision", "runs", "jobs", "training s (sum)", "wall s", "ratio", "1-min load"], rows),
         "", f"Bar: ratio <= 1.25 ({'met' if d['ratio'] <= 1.25 else 'NOT met'}: {d['ratio']:.2f}).",
     ])
@@ -583,8 +586,7 @@ def section_fewshot_unlabeled(d: dict[str, Any]) -> str:
            "Real digits (`benchmarks/studies/fewshot_unlabeled_digits.yaml`): teachers resnet20 and resnet8x4 "
            "trained on the whole train split, student resnet8 on N labelled images per class; each method with "
            "and without `data.unlabeled: train_rest` (the other training images, their labels never read; every "
-           "step adds 32 unlabelled images to the labelled batch, CE on the labelled ones only). kd and mt_kd use "
-           "the soft-target cache (4 views per image, unlabelled ones included). The gap is the best teacher's "
+           "step adds 32 unlabelled images to the labelled batch, CE on the labelled ones only). The gap is the best teacher's "
            "test accuracy minus the student's mean (smaller is closer to the teachers). Synthetic histology was "
            "not run: the session's CPU budget covered one data set fully.", ""]
     for shots in d["shots"]:
