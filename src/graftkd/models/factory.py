@@ -21,6 +21,7 @@ from torch import nn
 from graftkd.files import load_checkpoint, save_checkpoint
 from graftkd.errors import UserError
 from graftkd.models.cifar import MODELS, count_params
+from graftkd.models.staged import GRAFT_PREFIX, GraftedStudent
 
 # timm is imported inside the functions that need it: importing it costs seconds at start-up.
 TIMM_PREFIX = "timm:"
@@ -44,6 +45,8 @@ def _unknown(name: str) -> UserError:
 
 def _build(name: str, num_classes: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     import timm
+    if name.startswith(GRAFT_PREFIX):  # a grafted student that kept 1x1 junctions
+        return GraftedStudent(_build(name[len(GRAFT_PREFIX):], num_classes, pretrained, kwargs))
     if not name.startswith(TIMM_PREFIX) and name in MODELS:
         if pretrained:
             raise UserError(f"model '{name}' has no pretrained weights; pass a trained model file as checkpoint")
