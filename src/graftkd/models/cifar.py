@@ -82,6 +82,10 @@ class StagedNet(nn.Module):
     def forward_head(self, f: Tensor, pre_logits: bool = False) -> Tensor:
         raise NotImplementedError
 
+    def get_classifier(self) -> nn.Module:
+        """timm's contract: the module that maps ``forward_head(f, pre_logits=True)`` to logits."""
+        return getattr(self, "classifier", None) or self.fc
+
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 

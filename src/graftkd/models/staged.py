@@ -226,6 +226,12 @@ class StagedModel:
             f = mod(f)
         return self.model.forward_head(f)
 
+    def head_input(self, f: Tensor) -> Tensor:
+        """The map ``forward_head`` gets (after the tail of ``forward_features``, e.g. EfficientNet's conv_head)."""
+        for mod in self._tail:
+            f = mod(f)
+        return f
+
     def pre_logits(self, f: Tensor) -> Tensor:
         """The pooled features the classifier sees (timm's ``forward_head(pre_logits=True)``)."""
         for mod in self._tail:
