@@ -447,6 +447,97 @@ def section_atf_tuning(d: dict[str, Any]) -> str:
     ])
 
 
+def section_stain_speed(d: dict[str, Any]) -> str:
+    b = d["budget"]
+    return "\n".join([
+        "## Stain jitter speed at 224 px (issue 24)", "",
+        f"Command: `{d['command']}`{revision_text(d)}. {d['threads']} thread, in-process, {d['images']} "
+        f"{d['image']}; medians of {d['rounds']} rounds; 1-minute load average {d['load_avg_1m']} (shared machine). "
+        f"The budget is the data pipeline section above (`{b['source']}`, revision {b['revision'][:10]}): the "
+        f"resnet18 student trains at {b['train_224_img_s']} images/s on this CPU, one worker augments from the "
+        f"decoded cache at {b['cached_1w_img_s']} images/s.", "",
+        table(["measure", "images/s (1 thread)"], [
+            ["`histology` augmentation (crop, flips, rot90, colour jitter, normalise)", d["histology_img_s"]],
+            ["`histology_stain` (the same + HED jitter)", d["histology_stain_img_s"]],
+            ["HED jitter alone (224 px)", d["hed_jitter_alone_img_s"]],
+            ["`hed_jitter` on a batch of 32 (per image)", d["hed_jitter_batch32_img_s"]],
+        ]), "",
+        f"HED jitter costs {d['hed_jitter_ms_per_image']} ms per 224 px image; the stain preset costs "
+        f"{d['stain_preset_cost_ratio']}x the `histology` preset, and one thread running it still augments "
+        f"{d['histology_stain_over_train']}x faster than the student trains: within the budget.",
+    ])
+
+
+def _rows(d: dict[str, Any], shots: Any = None) -> dict[str, dict[str, Any]]:
+    return {r["method"]: r for r in d["rows"] if r["shots"] == shots and r.get("mean") is not None}
+
+
+def section_stain(d: dict[str, Any]) -> str:
+    r = _rows(d)
+    variants = [v for v in ("none", "jitter", "macenko", "both") if f"teacher_{v}" in r]
+    steps = {str(x["steps"]) for x in r.values() if not x.get("reference")}
+    per_row = {len(x["values"]) for x in r.values() if not x.get("reference")}
+
+    def cell(name: str, metric: str) -> str:
+        x = r.get(name)
+        if x is None:
+            return "-"
+        m = x if metric == "acc" else x.get("patient_recognition_rate")
+        return pct(m["mean"], m["sd"]) if m else "-"
+
+    summary = table(["variant", "teacher (resnet20) accuracy %", "teacher patient RR %", "KD student (resnet8) "
+                     "accuracy %", "KD student patient RR %"],
+                    [[v, cell(f"teacher_{v}", "acc"), cell(f"teacher_{v}", "prr"), cell(f"kd_{v}", "acc"),
+                      cell(f"kd_{v}", "prr")] for v in variants])
+    syn = d.get("config", {}).get("data", {}).get("synthetic", {})
+    return "\n".join([
+        "## Stain variation: an unseen centre (issue 24)", "",
+        f"Synthetic H&E from {syn.get('centres')} centres, each with its own stain vectors and intensity "
+        f"(`benchmarks/studies/stain_centres.yaml`, {syn.get('patients')} patients): train and validate on "
+        "centres 0 and 1, test on centre 2, which no run sees before its test. Variants: `none` (the "
+        "`histology` preset), `jitter` (`histology_stain`: HED jitter, scale 0.05 and shift 0.05, Tellez et "
+        "al.'s light setting), `macenko` (Macenko normalisation fitted to 16 training images, applied at "
+        "decode), `both`. Each variant trains a resnet20 teacher on the whole training split and a resnet8 KD "
+        "student of that variant's seed-0 teacher. Mean ± sd over seeds on the unseen centre:", "",
+        summary, "",
+        f"Checks: {len(variants)} variants; every row has {', '.join(map(str, sorted(per_row)))} per-seed values; "
+        f"every run {', '.join(sorted(steps))} optimiser steps.", "",
+        "All rows, paired differences to `teacher_none` (bootstrap over seeds and test patients). "
+        + study_caption(d), "",
+        study_table(d),
+    ])
+
+
+def section_fewshot_unlabeled(d: dict[str, Any]) -> str:
+    out = ["## The unlabelled rest of the training split as a transfer set (issue 24)", "",
+           "Real digits (`benchmarks/studies/fewshot_unlabeled_digits.yaml`): teachers resnet20 and resnet8x4 "
+           "trained on the whole train split, student resnet8 on N labelled images per class; each method with "
+           "and without `data.unlabeled: train_rest` (the other training images, their labels never read; every "
+           "step adds 32 unlabelled images to the labelled batch, CE on the labelled ones only). kd and mt_kd use "
+           "the soft-target cache (4 views per image, unlabelled ones included). The gap is the best teacher's "
+           "test accuracy minus the student's mean (smaller is closer to the teachers). Synthetic histology was "
+           "not run: the session's CPU budget covered one data set fully.", ""]
+    for shots in d["shots"]:
+        r = _rows(d, shots)
+        teachers = [x for name, x in r.items() if name.startswith("teacher_")]
+        best = max(teachers, key=lambda x: x["mean"]) if teachers else None
+        rows = []
+        for m in ("kd", "mt_kd", "graft_fused"):
+            a, b = r.get(m), r.get(f"{m}_unlabeled")
+            if a is None or b is None:
+                continue
+            gap = (lambda x: f"{100 * (best['mean'] - x['mean']):.1f}") if best else (lambda x: "-")
+            rows.append([m, pct(a["mean"], a["sd"]), pct(b["mean"], b["sd"]), f"{100 * (b['mean'] - a['mean']):+.1f}",
+                         gap(a), gap(b), "/".join(map(str, sorted(set(b.get("unlabeled_images") or [])))) or "-"])
+        head = ["method", "labelled only %", "+ unlabelled rest %", "Δ", "gap to best teacher",
+                "gap with unlabelled", "unlabelled images"]
+        out += [f"{shots} labelled images per class" + (f" (best teacher {best['method']}: "
+                                                         f"{100 * best['mean']:.1f}%)" if best else "") + ":", "",
+                table(head, rows), ""]
+    out += ["All rows. " + study_caption(d), "", study_table(d)]
+    return "\n".join(out)
+
+
 def write_between_markers(path: Path, name: str, text: str) -> None:
     """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
@@ -474,6 +565,9 @@ SECTIONS: list[tuple[str, Callable[[Any], str]]] = [
     ("latency", section_latency),
     ("vs_torchdistill", section_vs_torchdistill),
     ("inference_speed", section_inference),
+    ("stain_speed", section_stain_speed),
+    ("stain", section_stain),
+    ("fewshot_unlabeled", section_fewshot_unlabeled),
 ]
 
 

@@ -46,13 +46,16 @@ def check_one_length(obj: BaseModel, section: str, steps: str, epochs: str, unse
 class SplitConfig(Strict):
     """How records are split into train/val/test. Always on groups (patients), never on images."""
 
-    kind: Literal["fraction", "kfold", "official", "predefined"] = "fraction"
+    kind: Literal["fraction", "kfold", "official", "predefined", "centre"] = "fraction"
     train: float = Field(0.6, gt=0, lt=1)
     val: float = Field(0.2, ge=0, lt=1)
     test: float = Field(0.2, ge=0, lt=1)
     k: int = Field(5, ge=2, description="number of folds for kind=kfold")
     fold: int = Field(0, ge=0, description="which fold is the test fold (kfold/official)")
-    val_fraction: float = Field(0.2, ge=0, lt=1, description="val carved from train groups (kfold/official/predefined)")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="val carved from train groups (kfold/official/predefined/"
+                                                             "centre)")
+    test_centres: list[str] = Field(default_factory=list, description="kind=centre: the centres whose images are the "
+                                                                     "test split (the others are train and val)")
     folds_csv: Path | None = Field(None, description="official BreakHis Folds.csv (fold,mag,grp,filename)")
     file: Path | None = Field(None, description="a split CSV written by an earlier run, re-used as is")
     seed: int | None = Field(None, description="split seed; None means the experiment seed")
@@ -64,6 +67,9 @@ class SplitConfig(Strict):
     def _fractions(self) -> "SplitConfig":
         if self.kind == "fraction" and abs(self.train + self.val + self.test - 1.0) > 1e-6:
             raise ValueError(f"split fractions train+val+test must sum to 1, got {self.train}+{self.val}+{self.test}")
+        if (self.kind == "centre") != bool(self.test_centres):
+            raise ValueError("split.kind = centre needs split.test_centres (and test_centres needs kind = centre), "
+                             f"got kind = {self.kind!r}, test_centres = {self.test_centres}")
         return self
 
 
@@ -79,6 +85,11 @@ class SyntheticConfig(Strict):
     size: tuple[int, int] = Field((128, 128), description="width, height in pixels")
     magnifications: list[Literal[40, 100, 200, 400]] = [40, 100, 200, 400]
     seed: int = 0
+    centres: int = Field(1, ge=1, description="centres (labs) the patients come from, assigned round-robin within "
+                                              "each subtype; each centre has its own stain vectors and intensity "
+                                              "(centre ids 0..centres-1, for split.kind = centre)")
+    centre_stain_sd: float = Field(0.25, ge=0, description="log-normal spread of a centre's stain vectors (per RGB "
+                                                           "channel) and of its stain intensity")
 
     @model_validator(mode="after")
     def _range(self) -> "SyntheticConfig":
@@ -88,13 +99,38 @@ class SyntheticConfig(Strict):
         return self
 
 
+class StainJitterConfig(Strict):
+    """HED stain jitter strengths (Tellez et al. 2019) of ``augment: histology_stain``: per image and
+    stain (haematoxylin, eosin, DAB optical densities, ``-log(rgb) @ hed_from_rgb``) ``s' = alpha s + beta``.
+    The defaults are Tellez et al.'s HED-light."""
+
+    scale: float = Field(0.05, ge=0, lt=1, description="alpha ~ U(1 - scale, 1 + scale)")
+    shift: float = Field(0.05, ge=0, description="beta ~ U(-shift, shift), in optical density")
+
+
+class StainNormConfig(Strict):
+    """Stain normalisation applied once where images are decoded (so the decoded cache holds
+    normalised images); the fitted reference goes to the run folder and the exported model."""
+
+    method: Literal["none", "macenko", "reinhard"] = Field(
+        "none", description="macenko (stain vectors + 99th-percentile concentrations, Macenko 2009) or "
+                            "reinhard (LAB mean and sd per channel, Reinhard 2001), both via torchstain")
+    reference: Path | None = Field(None, description="reference image file; None: a seeded sample of the "
+                                                     "training split's images")
+    sample: int = Field(16, ge=1, description="reference=None: how many training images the reference is fitted on")
+    seed: int = Field(0, description="seed of that sample")
+
+
 class DataConfig(Strict):
     source: Literal["breakhis", "synthetic", "cifar10", "cifar100", "folder", "csv"] = "synthetic"
     root: Path | None = Field(None, description="data folder (BreaKHis_v1, CIFAR folder, image folder, CSV file)")
     task: Literal["binary", "subtype"] = "binary"
     magnification: Literal["all", "40", "100", "200", "400"] = "all"
     image_size: int = Field(64, ge=8, le=2048)
-    augment: Literal["histology", "cifar", "none"] = "histology"
+    augment: Literal["histology", "histology_stain", "cifar", "none"] = "histology"
+    stain_jitter: StainJitterConfig = Field(StainJitterConfig(), description="HED jitter strengths of "
+                                                                           "augment=histology_stain")
+    stain_norm: StainNormConfig = Field(StainNormConfig(), description="Macenko/Reinhard stain normalisation")
     mean: tuple[float, float, float] | None = Field(None, description="None: the source's preset")
     std: tuple[float, float, float] | None = None
     split: SplitConfig = SplitConfig()
@@ -107,6 +143,12 @@ class DataConfig(Strict):
                                                       "CIFAR index), or a CSV with a 'path' or 'index' column")
     shots_column: str | None = Field(None, description="few-shot (data.source=csv): manifest column marking the "
                                                        "labelled training images (1/true/yes; 0/false/no/empty: not)")
+    unlabeled: str | None = Field(None, description="unlabelled transfer set for the teacher-driven terms: "
+                                                     "'train_rest' (the training split's images that are not labelled "
+                                                     "shots), a folder of images or a CSV with a 'path' column "
+                                                     "(optional 'group'); images of val/test patients are left out")
+    unlabeled_batch_size: int = Field(32, ge=1, description="unlabelled images added to every training step's "
+                                                            "batch_size labelled ones (with data.unlabeled)")
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(128, ge=1)
     num_workers: int = Field(0, ge=0)

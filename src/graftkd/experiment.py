@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from graftkd.config import ExperimentConfig, config_to_yaml
+from graftkd.data.stain import STAIN_FILE, STAIN_KEY
 from graftkd.distributed import DistContext, init_distributed
 from graftkd.engine.trainer import Trainer
 from graftkd.errors import UserError
@@ -173,6 +174,9 @@ def preflight(cfg: ExperimentConfig, resume: bool, overwrite: bool, *, is_main: 
         recover_interrupted_replacement(cfg.run_dir)
     check_run_folder(cfg, resume, overwrite)
     data = build_data(cfg.data, cfg.seed, None, work_dir=cfg.output.dir)
+    if data.unlabeled is not None and cfg.fusion.strategy == "confidence" and len(cfg.teachers) > 1:
+        raise UserError("fusion.strategy = confidence weighs teachers by their loss on the label, which unlabelled "
+                        "images (data.unlabeled) do not have; choose mean, accuracy, entropy or best")
     build_student_factory(cfg, data.num_classes)()
     for i, t in enumerate(cfg.teachers):
         load_teacher(t, i, list(data.classes), tuple(data.mean), tuple(data.std))
@@ -243,13 +247,15 @@ def _execute(cfg: ExperimentConfig, device: torch.device, dist: DistContext, res
         dist.barrier()  # rank 0 has made the folder
         start.defer(lambda: save_resolved_config(cfg, run_dir, dist))
         start.defer(lambda: data.write_splits(run_dir))
+        if data.stain is not None:
+            start.defer(lambda: atomic_write_json(run_dir / STAIN_FILE, data.stain.describe()))
         seed_everything(cfg.seed)  # identical initial weights on every rank (rank 0's are broadcast anyway)
         factory = METHODS.get(cfg.method.name)
         method = factory(cfg, data, build_student=build_student_factory(cfg, data.num_classes), run_dir=run_dir,
                          device=device, dist=dist)
         trainer = Trainer(cfg, run_dir, device, dist)
         trainer.on_checkpoint = start.commit
-        result = trainer.fit(method, data.train, data.val, resume=resume)
+        result = trainer.fit(method, data.train, data.val, resume=resume, unlabeled=data.unlabeled)
     train_s = time.perf_counter() - t0
     if not dist.is_main:
         return run_dir
@@ -272,12 +278,17 @@ def _finish(cfg: ExperimentConfig, device: torch.device, dist: DistContext, data
     save_model_file(run_dir / "model.pt", student, arch=arch, num_classes=data.num_classes, classes=data.classes,
                     mean=data.mean, std=data.std, image_size=data.image_size,
                     extra={"run": str(run_dir), "method": cfg.method.name, "best_epoch": result.best_epoch,
-                           "best_phase": result.best_phase, "model_kwargs": dict(cfg.model.kwargs)})
+                           "best_phase": result.best_phase, "model_kwargs": dict(cfg.model.kwargs),
+                           **({STAIN_KEY: data.stain.describe()} if data.stain is not None else {})})
     for name, out in method.extra_outputs().items():
         save_model_file(run_dir / f"{name}.pt", out.module, arch=out.arch, num_classes=data.num_classes,
                         classes=data.classes, mean=out.mean or data.mean, std=out.std or data.std,
                         image_size=data.image_size,
-                        extra={"run": str(run_dir), "role": name, "model_kwargs": dict(out.kwargs)})
+                        extra={"run": str(run_dir), "role": name, "model_kwargs": dict(out.kwargs),
+                               **({STAIN_KEY: data.stain.describe()} if data.stain is not None else {})})
+    if data.unlabeled is not None:  # how many unlabelled images the run had and drew
+        per_rank = -(-len(data.unlabeled) // dist.world_size)
+        data.info["unlabeled"]["drawn"] = result.steps * min(cfg.data.unlabeled_batch_size, per_rank) * dist.world_size
     metrics: dict[str, Any] = {
         "run": str(run_dir), "method": cfg.method.name, "student": arch, "checkpoint": "model.pt (best on val)",
         "selection": {"metric": cfg.trainer.select_metric, "phase": result.best_phase, "epoch": result.best_epoch,

@@ -26,6 +26,7 @@ CARD_NAME = "model_card.json"
 SAFETENSORS_NAME = "student.safetensors"
 ONNX_NAME = "student.onnx"
 CARD_FORMAT = "graftkd-model-card-v1"
+STAIN_KEY = "stain_normalization"  # as graftkd.data.stain.STAIN_KEY (export does not import data)
 ONNX_OPSET = 18
 ONNX_TOLERANCE = 1e-4
 ONNX_CHECK_BATCH = 5  # differs from the export batch (2), so the dynamic axis is exercised
@@ -68,7 +69,9 @@ def build_card(meta: dict[str, Any], model: nn.Module, run_dir: Path | None) -> 
         "params": sum(p.numel() for p in model.parameters()),
         "metrics": {},
         "config_sha256": None,
-        "source": {k: v for k, v in meta.get("extra", {}).items() if k != "model_kwargs"},
+        "source": {k: v for k, v in meta.get("extra", {}).items() if k not in ("model_kwargs", STAIN_KEY)},
+        # the fitted stain normaliser (data.stain_norm): predict applies it to every decoded image
+        STAIN_KEY: meta.get("extra", {}).get(STAIN_KEY),
     }
     if run_dir is not None:
         cfg = run_dir / "config.yaml"
@@ -184,7 +187,8 @@ def export_model(run_or_model: str | Path, formats: Sequence[str] = FORMATS, out
 
 def _card_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
     keys = ("arch", "num_classes", "classes", "mean", "std", "image_size")
-    return {**{k: meta[k] for k in keys}, "model_kwargs": dict(meta.get("extra", {}).get("model_kwargs", {}))}
+    return {**{k: meta[k] for k in keys}, "model_kwargs": dict(meta.get("extra", {}).get("model_kwargs", {})),
+            STAIN_KEY: meta.get("extra", {}).get(STAIN_KEY)}
 
 
 def _read_card(folder: Path) -> dict[str, Any]:

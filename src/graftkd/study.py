@@ -322,7 +322,10 @@ def collect(study: StudyConfig, jobs: list[Job]) -> tuple[list[dict[str, Any]], 
                 "method": method, "shots": shots, "seeds": [j.seed for j in runs], "values": values,
                 "mean": mean, "sd": sd, "steps": steps[0] if len(steps) == 1 else steps,
                 "val": {"values": [m["val"]["accuracy"] for m in ms]},
-                "train_seconds": [m.get("train_seconds") for m in ms], "runs": [str(j.run_dir) for j in runs]}
+                "train_seconds": [m.get("train_seconds") for m in ms], "runs": [str(j.run_dir) for j in runs],
+                # data.unlabeled: the unlabelled images each run had (pool) and drew (steps x unlabeled batch)
+                "unlabeled_images": [m["data"].get("unlabeled", {}).get("images", 0) for m in ms],
+                "unlabeled_drawn": [m["data"].get("unlabeled", {}).get("drawn", 0) for m in ms]}
             if grouped:
                 prr = [m["test"]["patient_recognition_rate"] for m in ms]
                 row["patient_recognition_rate"] = dict(zip(("mean", "sd"), summary(prr)), values=prr)
@@ -379,6 +382,8 @@ def markdown(rows: list[dict[str, Any]], diffs: list[dict[str, Any]], title: str
     grouped = any("patient_recognition_rate" in r and not r.get("reference") for r in rows)
     head = ["method", "shots", "test accuracy % (mean ± sd)", "per seed", "Δ vs baseline [95% CI]"]
     head += ["patient RR % (mean ± sd)", "Δ patient RR [95% CI]"] if grouped else []
+    unlabeled = any(any(r.get("unlabeled_images") or []) for r in rows)
+    head += ["unlabelled images"] if unlabeled else []
     head += ["steps"]
     out = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -397,6 +402,8 @@ def markdown(rows: list[dict[str, Any]], diffs: list[dict[str, Any]], title: str
         if grouped:
             p = r.get("patient_recognition_rate")
             cells += [pct(p["mean"], None if r.get("reference") else p["sd"]) if p else "-", delta("patient_recognition_rate")]
+        if unlabeled:
+            cells.append("/".join(map(str, sorted(set(r["unlabeled_images"])))) if r.get("unlabeled_images") else "-")
         cells.append(str(r.get("steps", "-")))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)

@@ -220,19 +220,21 @@ def test_build_train_and_report_two_adapting_teachers(tmp_path):
     assert report["effective"] == {"lam": 1.0, "mu": 1e-3, "lr_ratio": 1.0, "teacher_every": 1,
                                    "warmup_epochs": 0, "teacher_bn": "eval", "warmup_steps": None,
                                    "teacher_weight_decay": 0.0, "teacher_ce_weight": 1.0, "adapt": "all",
-                                   "guard": None, "guard_every": None}
+                                   "guard": None, "guard_every": None, "collapse_drop": 0.25,
+                                   "collapse_window": 10}
     method.eval()
     with torch.no_grad():
         s_pred = method.model(VAL.x).argmax(1)
     for k, row in enumerate(report["teachers"]):
         with torch.no_grad():
-            t_pred = method.teachers[k](VAL.x).argmax(1)
+            t_pred = method.teachers[k](VAL.x).argmax(1)  # best.pt's teacher (the trainer restored it)
         assert row["relative_weight_change"] > 0 and row["val"] == {"n": 16} and row["test"] == {"n": 16}
         assert row["val_acc_before"] == pytest.approx((pretrained[k] == VAL.y).float().mean().item())
-        assert row["val_acc_after"] == pytest.approx((t_pred == VAL.y).float().mean().item())
+        sel = row["selected_checkpoint"]
+        assert sel["val_acc_after"] == pytest.approx((t_pred == VAL.y).float().mean().item())
         assert row["val_acc_change"] == pytest.approx(row["val_acc_after"] - row["val_acc_before"])
         assert row["agreement_before"] == pytest.approx((s_pred == pretrained[k]).float().mean().item())
-        assert row["agreement_after"] == pytest.approx((s_pred == t_pred).float().mean().item())
+        assert sel["agreement_after"] == pytest.approx((s_pred == t_pred).float().mean().item())
 
 
 def test_online_peers_start_from_random_init_and_need_a_label_free_fusion(tmp_path):
@@ -325,8 +327,11 @@ def test_guard_keeps_the_best_teacher_and_rolls_back_and_stops_on_a_drop(tmp_pat
     out = method.train().training_step(batch(), ctx())
     assert out["teacher_loss"].grad_fn is None and out["loss"].grad_fn is not None
     row = method.final_metrics(lambda fn, split: {})["atf"]["teachers"][0]
-    assert row["guard"] == {"stopped": True, "stopped_at_step": 0, "best_val_acc": 2.0,
-                            "scored_from": "validation pass"}
+    assert row["guard"] == {"best_val_acc": 2.0, "scored_from": "validation pass"}
+    assert row["stop"]["stopped"] and row["stop"]["stopped_at_step"] == 0
+    assert row["stop"]["reason"].startswith("guard: validation accuracy") and \
+        row["stop"]["reason"].endswith("rolled back to its best validated state")
+    assert row["weights"] == "rolled back at step 0"
 
 
 def test_guard_logs_the_teachers_validation_accuracy(tmp_path):

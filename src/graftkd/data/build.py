@@ -13,12 +13,13 @@ import numpy as np
 from graftkd.config import DataConfig
 from graftkd.data.breakhis import read_breakhis
 from graftkd.data.cifar import read_cifar
-from graftkd.data.datasets import ArrayDataset, FileDataset, verify_images
+from graftkd.data.datasets import ArrayDataset, FileDataset, base_image, verify_images
 from graftkd.data.sources import read_csv_manifest, read_folder
 from graftkd.data.splits import SPLITS, _read_csv, assign_splits, check_class_coverage, record_key, write_splits
-from graftkd.data.synthetic import ensure_tree, tree_key
+from graftkd.data.stain import fit_normalizer, reference_images
+from graftkd.data.synthetic import ensure_tree, record_centres, tree_key
 from graftkd.data.transforms import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN,
-                                     IMAGENET_STD, base_side, eval_transform, train_transform)
+                                     IMAGENET_STD, base_side, eval_transform, mix_seed, train_transform)
 from graftkd.data.types import DataBundle, Record
 from graftkd.errors import UserError
 
@@ -161,6 +162,8 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
             raise UserError("data.source=breakhis needs data.root (an unpacked BreaKHis_v1 or a folder below it)")
         records, report = read_breakhis(root, cfg.task, cfg.magnification, cfg.on_bad_file, cfg.patient_suffix)
         classes = report.pop("classes")
+        if cfg.source == "synthetic":
+            records = record_centres(root, records)
     elif cfg.source in ("cifar10", "cifar100"):
         array, records, classes = read_cifar(cfg.source, root)  # type: ignore[arg-type]
         report = {}
@@ -198,6 +201,7 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
     parts = {s: [r for r, a in zip(records, assign) if a == s] for s in SPLITS}
     if not parts["train"]:
         raise UserError(f"the split left no training images ({len(records)} images, {split_desc})")
+    train_split = parts["train"]
     if cfg.shots_file is not None or cfg.shots_column is not None:
         parts["train"], given = given_shots(records, assign, cfg, root)
         shot_info = shot_report(parts["train"], classes, root, {"given": given})
@@ -214,17 +218,33 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
                 "drawn": {k: drawn[k] for k in ("shots", "max_per_group", "seed")},
                 "short": {classes[k]: n for k, n in drawn["short"].items()}})
     mean, std = _preset_stats(cfg)
-    aug = train_transform(cfg.augment, cfg.image_size, mean, std)
+    aug = train_transform(cfg.augment, cfg.image_size, mean, std, cfg.stain_jitter.scale, cfg.stain_jitter.shift)
     ev = eval_transform(cfg.image_size, mean, std)
-    datasets = {}
-    for name, recs in parts.items():
-        augment = aug if name == "train" else None
+    side = base_side(cfg.image_size)
+    stain = None
+    if cfg.stain_norm.method != "none":
         if array is not None:
-            datasets[name] = ArrayDataset(recs, augment, ev, seed, array)
-        else:
-            datasets[name] = FileDataset(recs, augment, ev, seed, base_side(cfg.image_size),
-                                         sizes=[sizes[r.path] for r in recs],  # type: ignore[index]
-                                         cache=cfg.decoded_cache, cache_dir=work / ".cache" / "decoded")
+            raise UserError(f"data.stain_norm needs images read from files, not data.source={cfg.source}")
+        sn = cfg.stain_norm
+        refs, fitted_on = reference_images(sn.reference, [r.path for r in train_split], sn.sample, sn.seed,  # type: ignore[misc]
+                                           lambda p: base_image(p, side))
+        if root is not None:
+            fitted_on["images"] = [record_key(Record(p, 0, ""), root) for p in fitted_on.get("images", [])]
+        stain = fit_normalizer(sn.method, refs, fitted_on)
+        info["stain_norm"] = stain.describe()
+
+    def dataset(recs: list[Record], augment, data_seed: int):
+        if array is not None:
+            return ArrayDataset(recs, augment, ev, data_seed, array)
+        return FileDataset(recs, augment, ev, data_seed, side, sizes=[sizes[r.path] for r in recs],  # type: ignore[index]
+                           cache=cfg.decoded_cache, cache_dir=work / ".cache" / "decoded", stain=stain)
+
+    datasets = {name: dataset(recs, aug if name == "train" else None, seed) for name, recs in parts.items()}
+    unlabeled = None
+    if cfg.unlabeled is not None:
+        pool, info["unlabeled"] = unlabeled_pool(cfg, train_split, parts, root, work, sizes)
+        unlabeled = dataset(pool, aug, mix_seed(seed, 0x0B1))  # its own view seeds
+        unlabeled.index_offset = len(datasets["train"])
     info.update({
         "root": str(cfg.root) if cfg.root is not None else info.get("synthetic", {}).get("root"),
         "classes": classes, "num_classes": len(classes),
@@ -235,4 +255,69 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
     if len({r.group for r in records}) < len(records):  # real groups (patients): list them per split
         info["groups"] = {s: sorted({r.group for r in parts[s]}) for s in SPLITS}
     return DataBundle(datasets["train"], datasets["val"], datasets["test"], classes, mean, std, cfg.image_size, info,
-                      splits_writer)
+                      splits_writer, unlabeled=unlabeled, stain=stain)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def unlabeled_pool(cfg: DataConfig, train_split: list[Record], parts: dict[str, list[Record]], root: Path | None,
+                   work: Path, sizes: dict[str, tuple[int, int]]) -> tuple[list[Record], dict]:
+    """The unlabelled transfer set (records labelled -1) and its report. ``train_rest``: the training
+    split's images that are not labelled shots. A folder or CSV: its images, less every image of a
+    validation or test patient (by group, and by file) and the labelled ones. ``sizes`` gets the
+    sizes of newly verified files."""
+    from dataclasses import replace
+
+    from graftkd.data.breakhis import parse_name
+
+    labelled = {r.path if r.path is not None else ("index", r.meta.get("index")) for r in parts["train"]}
+    key = (lambda r: r.path if r.path is not None else ("index", r.meta.get("index")))
+    if cfg.unlabeled == "train_rest":
+        pool = [replace(r, label=-1) for r in train_split if key(r) not in labelled]
+        if not pool:
+            raise UserError("data.unlabeled = train_rest, but every training image is labelled (set data.shots, or "
+                            "give a folder or CSV of unlabelled images)")
+        return pool, {"source": "train_rest", "images": len(pool), "patients": len({r.group for r in pool})}
+    src = Path(cfg.unlabeled)  # type: ignore[arg-type]
+    if src.is_dir():
+        files = sorted(str(p) for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not p.name.startswith("."))
+        groups: list[str | None] = [None] * len(files)
+    elif src.is_file():
+        rows = _read_csv(src, ("path",))
+        files = [str((src.parent / r["path"]).resolve()) if not Path(r["path"]).is_absolute() else r["path"]
+                 for r in rows]
+        groups = [r.get("group") or None for r in rows]
+    else:
+        raise UserError(f"data.unlabeled: {src} is neither 'train_rest', a folder nor a CSV file")
+    held_out = [r for s in ("val", "test") for r in parts[s]]
+    held_groups = {r.group for r in held_out}
+    held_files = {str(Path(r.path).resolve()) for r in held_out if r.path is not None}
+    labelled_files = {str(Path(p).resolve()) for p in labelled if isinstance(p, str)}
+    pool, dropped_held, dropped_labelled = [], 0, 0
+    for f, g in zip(files, groups):
+        if g is None:  # a BreakHis file name names its patient (as the reader's group); else the file is its own
+            parsed = parse_name(Path(f).name)
+            g = parsed.patient_key(cfg.patient_suffix) if parsed is not None else str(Path(f).resolve())
+        resolved = str(Path(f).resolve())
+        if g in held_groups or resolved in held_files:
+            dropped_held += 1
+        elif resolved in labelled_files:
+            dropped_labelled += 1
+        else:
+            pool.append(Record(f, -1, g, {}))
+    memo = work / ".cache" / "verified" / f"{hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:16]}.json"
+    checked = verify_images([r.path for r in pool if r.path not in sizes], memo)  # type: ignore[misc]
+    bad = [f"{p}: {v}" for p, v in checked.items() if isinstance(v, str)]
+    if bad and cfg.on_bad_file == "error":
+        raise UserError(f"data.unlabeled: cannot decode image {bad[0]} (set data.on_bad_file=skip to leave such files "
+                        f"out" + (f"; {len(bad) - 1} more" if len(bad) > 1 else "") + ")")
+    sizes.update({p: v for p, v in checked.items() if not isinstance(v, str)})  # type: ignore[misc]
+    pool = [r for r in pool if r.path in sizes]
+    if not pool:
+        raise UserError(f"data.unlabeled: no usable image in {src} ({dropped_held} of validation/test patients, "
+                        f"{dropped_labelled} labelled, {len(bad)} unreadable)")
+    return pool, {"source": str(src), "images": len(pool), "patients": len({r.group for r in pool}),
+                  "excluded_val_test": dropped_held, "excluded_labelled": dropped_labelled,
+                  "skipped_unreadable": len(bad)}

@@ -116,3 +116,4 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
                    help="draw each patient's image count from images-per-patient..this (default: all equal)")
     p.add_argument("--magnifications", type=int, nargs="+", help="subset of 40 100 200 400 (default: all)")
     p.add_argument("--seed", type=int, help="generator seed (default: data.synthetic.seed, 0)")
+    p.add_argument("--centres", type=int, help="centres with their own stain (default: data.synthetic.centres, 1)")

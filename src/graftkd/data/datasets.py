@@ -196,6 +196,10 @@ class ViewDatasetBase(torch.utils.data.Dataset, abc.ABC):
     (``views`` None) or ``mix_seed(seed, e, i) % views``. Eval datasets are deterministic: view 0.
     """
 
+    #: added to the ``index`` of every item (an unlabelled set's items follow the training set's in
+    #: the soft-target cache: ``index = len(train) + i``)
+    index_offset: int = 0
+
     def __init__(self, records: Sequence[Record], augment: Callable | None, eval_tf: Callable, seed: int,
                  views: int | None = None) -> None:
         self.records = list(records)
@@ -236,23 +240,54 @@ class ViewDatasetBase(torch.utils.data.Dataset, abc.ABC):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         v = self.view_of(i)
-        return {"image": self.load_view(i, v), "label": self.records[i].label, "index": i, "view": v}
+        return {"image": self.load_view(i, v), "label": self.records[i].label, "index": self.index_offset + i,
+                "view": v}
+
+
+class ConcatViews(torch.utils.data.Dataset):
+    """Training set and unlabelled set as one index space (the soft-target cache's): item j < len(a)
+    is a's item j, the others b's item j - len(a) (b's ``index_offset`` is len(a))."""
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.parts = (a, b)
+        self.records = list(a.records) + list(b.records)
+        self.seed = a.seed
+
+    def __len__(self) -> int:
+        return len(self.parts[0]) + len(self.parts[1])
+
+    def load_view(self, j: int, view: int) -> torch.Tensor:
+        a, b = self.parts
+        return a.load_view(j, view) if j < len(a) else b.load_view(j - len(a), view)
+
+
+def base_image(path: str, side: int) -> torch.Tensor:
+    """The decoded file resized to the base image (short side ``side``, never enlarged)."""
+    img = decode_file(path)
+    h, w = base_shape(img.shape[2], img.shape[1], side)
+    if (h, w) != tuple(img.shape[1:]):
+        img = F.resize(img, [h, w], antialias=True)
+    return img
 
 
 class FileDataset(ViewDatasetBase):
-    """Images read from files; base images optionally cached (``memory`` or ``mmap``)."""
+    """Images read from files; base images optionally stain-normalised (``stain``, applied once per
+    decode) and cached (``memory`` or ``mmap``), so the cache holds normalised base images."""
 
     def __init__(self, records: Sequence[Record], augment: Callable | None, eval_tf: Callable, seed: int,
                  side: int, sizes: Sequence[tuple[int, int]] | None = None, cache: str = "none",
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, stain: Any = None) -> None:
         super().__init__(records, augment, eval_tf, seed)
         self.side = side
+        self.stain = stain
         self.cache: DecodedCache | None = None
         if cache != "none" and self.records:
             if sizes is None:
                 sizes = [_verified_or_raise(r.path) for r in self.records]
             shapes = [base_shape(w, h, side) for w, h in sizes]
             key_parts = [[r.path, *_stat(r.path)] for r in self.records] + [side]
+            if stain is not None:
+                key_parts.append(["stain", stain.fingerprint()])
             self.cache = DecodedCache(shapes, cache, cache_dir, key_parts)
 
     def base(self, i: int) -> torch.Tensor:
@@ -262,13 +297,13 @@ class FileDataset(ViewDatasetBase):
                 return hit
         path = self.records[i].path
         assert path is not None
-        img = decode_file(path)
-        h, w = base_shape(img.shape[2], img.shape[1], self.side)
-        if (h, w) != tuple(img.shape[1:]):
-            img = F.resize(img, [h, w], antialias=True)
+        img = base_image(path, self.side)
+        h, w = img.shape[1:]
+        if self.stain is not None:
+            img = self.stain(img)
         if self.cache is not None:
             if (h, w) != self.cache.shapes[i]:
-                raise UserError(f"image {path} changed size since the data was scanned ({img.shape[2]}x{img.shape[1]})")
+                raise UserError(f"image {path} changed size since the data was scanned (its base image is now {w}x{h})")
             self.cache.put(i, img)
         return img
 

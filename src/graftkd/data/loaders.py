@@ -25,8 +25,8 @@ class EpochSampler(Sampler[int]):
         self.rank, self.world_size = rank, world_size
         self.key = (0, 0)
 
-    def set_epoch(self, phase: int, epoch: int) -> None:
-        self.key = (phase, epoch)
+    def set_epoch(self, phase: int, epoch: int, *sub: int) -> None:
+        self.key = (phase, epoch, *sub)
 
     def _order(self) -> list[int]:
         if self.shuffle:
@@ -56,6 +56,56 @@ def make_loader(dataset: Any, batch_size: int, sampler: Sampler, num_workers: in
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       drop_last=drop_last, persistent_workers=False,
                       pin_memory=torch.cuda.is_available())
+
+
+class UnlabeledStream:
+    """Batches of the unlabelled transfer set, as many as the labelled loop asks for.
+
+    In labelled epoch ``(phase, epoch)`` the stream walks seeded permutations of the unlabelled set,
+    pass k keyed ``(phase, epoch, k)`` (sharded across ranks like ``EpochSampler``); item i of pass k
+    shows view ``global_epoch * 1024 + k`` (or one of the cache's V views). So the unlabelled images
+    of a step depend only on (seed, phase, epoch, step), and resume at an epoch boundary is exact.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, num_workers: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.dataset = dataset
+        self.sampler = EpochSampler(len(dataset), seed, shuffle=True, rank=rank, world_size=world_size)
+        self.batch_size = min(batch_size, len(self.sampler)) or 1
+        self.num_workers = num_workers
+        self.key = (0, 0, 0)
+        self._it: Iterator | None = None
+
+    def start(self, phase: int, epoch: int, global_epoch: int) -> None:
+        self.key = (phase, epoch, global_epoch)
+        self._pass = 0
+        self._it = None
+
+    def _open(self) -> Iterator:
+        phase, epoch, global_epoch = self.key
+        self.sampler.set_epoch(phase, epoch, self._pass)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(global_epoch * 1024 + self._pass)
+        self._pass += 1
+        return iter(make_loader(self.dataset, self.batch_size, self.sampler, self.num_workers, drop_last=True))
+
+    def next(self) -> dict[str, Any]:
+        if self._it is None:
+            self._it = self._open()
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._it = self._open()
+            return next(self._it)
+
+
+def join_batches(labelled: dict[str, Any], unlabelled: dict[str, Any]) -> dict[str, Any]:
+    """One training batch: the labelled images first, then the unlabelled ones (label -1);
+    ``labeled`` marks which are which."""
+    out = {k: torch.cat([labelled[k], unlabelled[k]]) for k in ("image", "label", "index", "view")}
+    out["labeled"] = torch.cat([torch.ones(len(labelled["label"]), dtype=torch.bool),
+                                torch.zeros(len(unlabelled["label"]), dtype=torch.bool)])
+    return out
 
 
 def eval_loader(dataset: Any, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:

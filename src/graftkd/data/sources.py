@@ -104,6 +104,8 @@ def read_csv_manifest(path: Path, on_bad_file: str) -> tuple[list[Record], list[
             if r["split"] not in SPLITS:
                 raise UserError(f"{path}, line {i}: split must be train, val or test, got {r['split']!r}")
             meta["split"] = r["split"]
+        if r.get("centre"):
+            meta["centre"] = r["centre"]  # split.kind = centre
         group = r.get("group") or str(file)
         records.append(Record(str(file), index[r["label"]], group, meta))
     if not records:

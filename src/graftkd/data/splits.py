@@ -224,6 +224,31 @@ def check_class_coverage(records: Sequence[Record], assign: Sequence[str], class
     return problems
 
 
+def split_centre(records: Sequence[Record], cfg: SplitConfig, strata: dict[str, tuple[int, str]],
+                 seed: int) -> dict[str, str]:
+    """Split by centre: the groups of ``cfg.test_centres`` are test, a stratified ``val_fraction`` of
+    the other centres' groups val, the rest train (records carry ``meta['centre']``: the synthetic
+    source's centres, a CSV manifest's ``centre`` column)."""
+    centre_of: dict[str, str] = {}
+    for r in records:
+        c = r.meta.get("centre")
+        if c is None:
+            raise UserError(f"split.kind=centre, but image {r.path or r.meta.get('index')} has no centre (the "
+                            f"synthetic source with synthetic.centres > 1, or a CSV manifest with a 'centre' column)")
+        if centre_of.setdefault(r.group, str(c)) != str(c):
+            raise UserError(f"split.kind=centre: group {r.group!r} has images of centres {centre_of[r.group]!r} "
+                            f"and {str(c)!r}")
+    centres = sorted(set(centre_of.values()))
+    unknown = [c for c in cfg.test_centres if c not in centres]
+    if unknown:
+        raise UserError(f"split.test_centres: {', '.join(map(repr, unknown))} not among the data's centres "
+                        f"({', '.join(centres)})")
+    if set(cfg.test_centres) >= set(centres):
+        raise UserError(f"split.test_centres = {cfg.test_centres} leaves no centre to train on")
+    assign = {g: "test" if c in cfg.test_centres else "train" for g, c in centre_of.items()}
+    return carve_val(assign, strata, cfg.val_fraction, seed)
+
+
 def assign_splits(records: Sequence[Record], cfg: SplitConfig, seed: int, root: Path | None) -> tuple[list[str], dict]:
     """Split name (train/val/test) of every record, and a description for ``info``."""
     seed = cfg.seed if cfg.seed is not None else seed
@@ -260,6 +285,10 @@ def assign_splits(records: Sequence[Record], cfg: SplitConfig, seed: int, root: 
         by_group = carve_val({r.group: s for r, s in zip(records, per_record)}, strata, cfg.val_fraction, seed)
         desc.update(folds_csv=str(cfg.folds_csv), fold=cfg.fold, official_fold=folds[cfg.fold],
                     val_fraction=cfg.val_fraction)
+    elif cfg.kind == "centre":
+        by_group = split_centre(records, cfg, strata, seed)
+        desc.update(test_centres=list(cfg.test_centres), val_fraction=cfg.val_fraction,
+                    centres=sorted({str(r.meta["centre"]) for r in records}))
     else:  # predefined: the source says train/test (CIFAR, CSV split column, folder train/ test/)
         given = [r.meta.get("split") for r in records]
         if any(s is None for s in given):

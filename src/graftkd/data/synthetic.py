@@ -6,6 +6,9 @@ rendered as soft, irregular ellipses with chromatin speckle. Per subtype the nuc
 size, pleomorphism, boundary irregularity, elongation, staining and arrangement (glands, single
 files, scattered) differ; every patient draws its own offsets of all of these and of the stain
 vectors, so patients of different classes overlap and patient-level splits matter.
+With ``centres`` > 1, patients come from that many centres (round-robin within each subtype), each
+with its own stain vectors and stain intensity on top of the patients' own: a stain shift between
+labs that ``split.kind: centre`` tests on (``synthetic.json`` lists every patient's centre).
 Deterministic for (config, seed): all randomness comes from numpy generators seeded per patient.
 """
 from __future__ import annotations
@@ -57,7 +60,9 @@ IMAGE_SD = 0.08
 
 def tree_key(cfg: SyntheticConfig) -> str:
     """Short hash of the synthetic config and generator version (the cache folder name)."""
-    fields = cfg.model_dump(mode="json", exclude={"images_per_patient_max"} if cfg.images_per_patient_max is None else None)
+    unset = ({"images_per_patient_max"} if cfg.images_per_patient_max is None else set()) | (
+        {"centres", "centre_stain_sd"} if cfg.centres == 1 else set())
+    fields = cfg.model_dump(mode="json", exclude=unset or None)
     blob = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)  # keys of older trees unchanged
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -198,6 +203,19 @@ def image_params(pp: dict[str, float | np.ndarray], count: int, rng: np.random.G
     return out
 
 
+def centre_of(i: int, centres: int) -> int:
+    """Centre of patient i: round-robin within its subtype (patients are dealt to subtypes round-robin)."""
+    return (i // len(CODES)) % centres
+
+
+def centre_stain(cfg: SyntheticConfig, centre: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """A centre's multipliers of the haematoxylin and eosin vectors (per RGB channel) and of the
+    stain intensity (optical density), from its own generator (patients' draws do not change)."""
+    rng = np.random.default_rng([cfg.seed, 0xCE, centre])
+    sd = cfg.centre_stain_sd
+    return np.exp(rng.normal(0, sd, 3)), np.exp(rng.normal(0, sd, 3)), float(np.exp(rng.normal(0, sd)))
+
+
 def images_of_patient(cfg: SyntheticConfig, i: int) -> int:
     """Images per magnification of patient i: fixed, or drawn from its own generator (so the other
     draws of a patient do not change with the option)."""
@@ -223,12 +241,18 @@ def generate_tree(out: Path, cfg: SyntheticConfig) -> dict:
     torch.set_num_threads(1)  # small tensors: one thread is faster and does not fight DataLoader workers
     try:
         counts = {c: 0 for c in CODES}
+        centres: dict[str, int] = {}
         for i, pid in enumerate(patient_ids(cfg.patients, cfg.seed)):
             code = CODES[i % len(CODES)]
             subtype, tumor_class = SUBTYPES[code]
             letter = tumor_class[0].upper()
             rng = np.random.default_rng([cfg.seed, i])
             pp = patient_params(code, rng)
+            if cfg.centres > 1:
+                c = centres[f"SOB_{letter}_{code}_14-{pid}"] = centre_of(i, cfg.centres)
+                h_mul, e_mul, intensity = centre_stain(cfg, c)
+                pp["h_vec"] = pp["h_vec"] * h_mul * intensity  # type: ignore[operator]
+                pp["e_vec"] = pp["e_vec"] * e_mul * intensity  # type: ignore[operator]
             patient_dir = (stage / "BreaKHis_v1/histology_slides/breast" / tumor_class / "SOB" / subtype
                            / f"SOB_{letter}_{code}_14-{pid}")
             count = images_of_patient(cfg, i)
@@ -242,7 +266,8 @@ def generate_tree(out: Path, cfg: SyntheticConfig) -> dict:
                     (folder / f"SOB_{letter}_{code}-14-{pid}-{mag}-{j + 1:03d}.png").write_bytes(data)
                 counts[code] += len(imgs)
         manifest = {"generator_version": GENERATOR_VERSION, "config": cfg.model_dump(mode="json"),
-                    "images": sum(counts.values()), "patients": cfg.patients, "images_per_subtype": counts}
+                    "images": sum(counts.values()), "patients": cfg.patients, "images_per_subtype": counts,
+                    **({"centres": centres} if cfg.centres > 1 else {})}
         atomic_write_json(stage / "synthetic.json", manifest)
         if out.exists():
             out.rmdir()
@@ -268,13 +293,26 @@ def ensure_tree(out: Path, cfg: SyntheticConfig) -> Path:
     return out
 
 
+def record_centres(root: Path, records: list) -> list:
+    """Records with ``meta['centre']`` (the centre id as text) from the tree's ``synthetic.json``,
+    keyed by the patient folder; unchanged when the tree has one centre."""
+    import dataclasses
+
+    manifest = json.loads((Path(root) / "synthetic.json").read_text())
+    table = manifest.get("centres")
+    if not table:
+        return records
+    return [dataclasses.replace(r, meta={**r.meta, "centre": str(table[Path(r.path).parents[1].name])})
+            for r in records]
+
+
 def run_synth(args: argparse.Namespace) -> int:
     """``graftkd synth OUT ...``: write the tree and print what was written."""
     from pydantic import ValidationError
 
     try:
         given = {k: getattr(args, k) for k in ("patients", "images_per_patient", "images_per_patient_max", "size",
-                                               "magnifications", "seed")}
+                                               "magnifications", "seed", "centres")}
         cfg = SyntheticConfig(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         raise UserError("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"

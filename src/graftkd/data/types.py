@@ -51,6 +51,10 @@ class DataBundle:
     info: dict[str, Any] = field(default_factory=dict)  # split seed, shots, source summary, ...
     #: writes ``splits.csv`` (every record with its split, before few-shot) into a run folder
     splits_writer: Callable[[Path], Path] | None = field(default=None, repr=False, compare=False)
+    #: unlabelled transfer set (``data.unlabeled``): items labelled -1, ``index`` after the training set's
+    unlabeled: ViewDataset | None = None
+    #: the fitted stain normaliser (``data.stain_norm``), applied to every base image; None: off
+    stain: Any = None
 
     def write_splits(self, run_dir: Path) -> Path | None:
         """Write ``run_dir/splits.csv`` (when the bundle was built without a run folder)."""

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from graftkd.config import ExperimentConfig, OptimizerConfig, ScheduleConfig
-from graftkd.data.loaders import EpochSampler, eval_loader, make_loader
+from graftkd.data.loaders import EpochSampler, UnlabeledStream, eval_loader, join_batches, make_loader
 from graftkd.distributed import DistContext
 from graftkd.errors import UserError
 from graftkd.files import atomic_write_text, load_checkpoint, read_log, remove_stale_temporaries, save_checkpoint
@@ -106,6 +106,7 @@ class PhaseRun:
     params: list[nn.Parameter]  # every parameter of the phase's optimisers (gradients averaged across ranks)
     steps_per_epoch: int
     total: int  # optimiser steps of the phase
+    unlabeled: UnlabeledStream | None = None  # data.unlabeled: unlabelled images joined to every batch
 
     @property
     def epochs(self) -> int:
@@ -133,6 +134,7 @@ class Trainer:
         self.dtype = autocast_dtype(cfg, self.device)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.history: list[dict[str, Any]] = []
+        self.unlabeled: Any = None  # fit(unlabeled=...): the unlabelled transfer set
         self._tb = None
         #: called once, after the first ``last.pt`` is written (rank 0)
         self.on_checkpoint: Callable[[], None] | None = None
@@ -178,10 +180,17 @@ class Trainer:
         self.dist.barrier()
 
     # -------------------------------------------------------------------------------------- fit
-    def fit(self, method: Method, train_set: Any, val_set: Any, resume: bool = False) -> FitResult:
+    def fit(self, method: Method, train_set: Any, val_set: Any, resume: bool = False,
+            unlabeled: Any = None) -> FitResult:
         """Train ``method``'s phases on ``train_set``, selecting on ``val_set``; ``resume`` continues
         from ``checkpoints/last.pt``. Each phase is a loop over its epochs (the last one cut short
-        by a step budget); a selecting phase ends with its best validated weights."""
+        by a step budget); a selecting phase ends with its best validated weights. ``unlabeled``
+        (a view dataset, labels -1): every step's batch of labelled images is followed by
+        ``data.unlabeled_batch_size`` of these (``join_batches``); the method must ``uses_unlabeled()``."""
+        if unlabeled is not None and not method.uses_unlabeled():
+            raise UserError(f"data.unlabeled is set, but method '{self.cfg.method.name}' has no teacher-driven term "
+                            f"that can use unlabelled images (kd, dkd and graft have); set data.unlabeled=null")
+        self.unlabeled = unlabeled
         method.to(self.device)
         if self.tc.channels_last:
             method.to(memory_format=torch.channels_last)
@@ -263,7 +272,11 @@ class Trainer:
                 sc.load_state_dict(st)
         params = list({id(p): p for o in optims for g in o.param_groups for p in g["params"]}.values())
         self.dist.broadcast_(params + synced_buffers(method))
-        return PhaseRun(index, phase, loader, sampler, optims, scheds, params, steps_per_epoch, total)
+        stream = None
+        if self.unlabeled is not None:
+            stream = UnlabeledStream(self.unlabeled, cfg.data.unlabeled_batch_size, derived_seed(cfg.seed, 19),
+                                     cfg.data.num_workers, self.dist.rank, self.dist.world_size)
+        return PhaseRun(index, phase, loader, sampler, optims, scheds, params, steps_per_epoch, total, stream)
 
     def _end_phase(self, method: Method, run: PhaseRun) -> None:
         """A selecting phase hands on its best validated weights; ``last.pt`` marks the boundary."""
@@ -286,9 +299,13 @@ class Trainer:
         bar = self._progress_bar(run, epoch, n_steps)
         val: dict[str, Any] = {}
         phase_step = epoch * run.steps_per_epoch
+        if run.unlabeled is not None:
+            run.unlabeled.start(run.index, epoch, self.global_epoch)
         for i, batch in enumerate(run.loader):
             if i == n_steps:
                 break
+            if run.unlabeled is not None:
+                batch = join_batches(batch, run.unlabeled.next())
             b = to_device(batch, self.device, self.tc.channels_last)
             ctx = StepContext(phase=run.phase, epoch=epoch, step=self.step, step_in_epoch=i,
                               steps_per_epoch=run.steps_per_epoch, phase_step=phase_step, phase_steps=run.total)

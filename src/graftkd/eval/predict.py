@@ -31,8 +31,10 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def load_image(path: Path, transform: Any) -> torch.Tensor:
-    """Decode as RGB with torchvision.io and apply the card's eval transform; UserError naming the file."""
+def load_image(path: Path, transform: Any, stain: Any = None, side: int | None = None) -> torch.Tensor:
+    """Decode as RGB with torchvision.io and apply the card's eval transform; UserError naming the file.
+    With ``stain`` (the card's fitted normaliser), the image is first resized to the base image
+    (short side ``side``) and normalised, as the training pipeline does."""
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     try:
@@ -40,6 +42,15 @@ def load_image(path: Path, transform: Any) -> torch.Tensor:
     except (RuntimeError, OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
         raise UserError(f"cannot read image {path}: {reason}") from None
+    if stain is not None:
+        from torchvision.transforms.v2 import functional as F
+
+        from graftkd.data.datasets import base_shape
+
+        h, w = base_shape(img.shape[2], img.shape[1], side)  # type: ignore[arg-type]
+        if (h, w) != tuple(img.shape[1:]):
+            img = F.resize(img, [h, w], antialias=True)
+        img = stain(img)
     return transform(img)
 
 
@@ -52,12 +63,16 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
 def predict_probs(model: Predictor, card: dict[str, Any], paths: Sequence[Path], tta: bool = False,
                   batch_size: int = 32) -> torch.Tensor:
     """Softmax probabilities [N, C] of the images (TTA: mean over the dihedral views)."""
-    from graftkd.data.transforms import eval_transform
+    from graftkd.data.stain import STAIN_KEY, StainNormalizer
+    from graftkd.data.transforms import base_side, eval_transform
 
     transform = eval_transform(card["image_size"], tuple(card["mean"]), tuple(card["std"]))
+    stain = StainNormalizer.from_description(card[STAIN_KEY]) if card.get(STAIN_KEY) else None
+    size = card["image_size"]
+    side = base_side(size if isinstance(size, int) else min(size))
     out = []
     for i in range(0, len(paths), batch_size):
-        x = torch.stack([load_image(p, transform) for p in paths[i:i + batch_size]])
+        x = torch.stack([load_image(p, transform, stain, side) for p in paths[i:i + batch_size]])
         views = dihedral_views(x) if tta else [x]
         out.append(torch.stack([model(v).float().softmax(-1) for v in views]).mean(0))
     return torch.cat(out)

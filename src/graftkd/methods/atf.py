@@ -44,6 +44,7 @@ mode on their (every-step) updates and see the data's normalisation.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Sequence
 
@@ -54,6 +55,7 @@ from torch import nn
 
 from graftkd.config import DivergenceConfig, ExperimentConfig, MethodConfig, WarmupInSteps
 from graftkd.data.loaders import predict_split
+from graftkd.distributed import DistContext
 from graftkd.errors import UserError
 from graftkd.losses import divergences
 from graftkd.losses.standardize import soft_targets
@@ -62,6 +64,8 @@ from graftkd.models import create_model
 from graftkd.models.staged import StagedModel
 from graftkd.teachers import fusion
 from graftkd.teachers.ensemble import Teacher, load_teacher, stack_logits
+
+log = logging.getLogger(__name__)
 
 Predict = Callable[[Callable[[torch.Tensor], torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -120,6 +124,14 @@ class ATFMethod(MethodConfig, WarmupInSteps):
                                                             "pre-head validation features, one head forward per "
                                                             "check; otherwise a full validation pass)")
 
+    collapse_drop: float | None = Field(
+        0.25, ge=0, le=1, description="collapse check (atf, offline_joint): stop a teacher's adaptation, and roll it "
+                                      "back (to its best validated state with guard, else its pretrained weights), "
+                                      "once its training accuracy over the last collapse_window updates falls more "
+                                      "than this below its validation accuracy before training, or its logits are "
+                                      "not finite; decided on the accuracy summed over all ranks (None: off)")
+    collapse_window: int = Field(10, ge=1, description="teacher updates per collapse check")
+
     @model_validator(mode="after")
     def _guard_every_needs_guard(self) -> "ATFMethod":
         if self.guard_every is not None and self.guard is None:
@@ -144,6 +156,8 @@ class Effective:
     adapt: str = "all"
     guard: float | None = None
     guard_every: int | None = None
+    collapse_drop: float | None = None
+    collapse_window: int = 10
 
     @staticmethod
     def of(m: ATFMethod, student_weight_decay: float = 0.0) -> "Effective":
@@ -154,7 +168,8 @@ class Effective:
                              None, None)
         lam = m.lam if m.mode == "atf" else 0.0
         return Effective(lam, m.mu, m.lr_ratio, m.teacher_every, m.warmup_epochs, m.teacher_bn, m.warmup_steps,
-                         m.teacher_weight_decay, m.teacher_ce_weight, m.adapt, m.guard, m.guard_every)
+                         m.teacher_weight_decay, m.teacher_ce_weight, m.adapt, m.guard, m.guard_every,
+                         m.collapse_drop, m.collapse_window)
 
 
 def adapted_parameters(model: nn.Module, adapt: str, label: str = "teacher") -> list[nn.Parameter]:
@@ -221,7 +236,8 @@ class ATF(Method):
     validation split in the same order (the run's device and precision)."""
 
     def __init__(self, cfg: ExperimentConfig, student: nn.Module, teachers: Sequence[Teacher],
-                 val_logits0: torch.Tensor, val_labels: torch.Tensor, predict_val: Predict) -> None:
+                 val_logits0: torch.Tensor, val_labels: torch.Tensor, predict_val: Predict,
+                 dist: DistContext | None = None) -> None:
         super().__init__()
         m = cfg.method
         assert isinstance(m, ATFMethod)
@@ -244,13 +260,21 @@ class ATF(Method):
             else:
                 for p in adapted_parameters(t.model, self.eff.adapt, t.name):
                     p.requires_grad_(True)
-        # guard: the best validated state of each teacher (theta_0 at first), its accuracy, and whether
-        # its adaptation was stopped (and rolled back to that state)
+        # guard and collapse check: the state a stopped teacher is rolled back to (theta_0 at first; with
+        # guard its best validated state), its accuracy, and whether its adaptation was stopped
         guarded = self.eff.guard is not None
-        self.best_states = nn.ModuleList(Snapshot(t.model) for t in teachers) if guarded else None
+        self.collapse_check = self.eff.collapse_drop is not None and m.mode in ("atf", "offline_joint")
+        self.dist = dist or DistContext()
+        rollback = guarded or self.collapse_check
+        self.best_states = nn.ModuleList(Snapshot(t.model) for t in teachers) if rollback else None
         self.register_buffer("best_acc", self.val_acc0.clone())
         self.register_buffer("stopped", torch.zeros(len(teachers), dtype=torch.bool))
         self.register_buffer("stopped_at", torch.full((len(teachers),), -1, dtype=torch.long))
+        # collapse check: this rank's correct predictions and samples of each teacher in the current window
+        self.register_buffer("window", torch.zeros(len(teachers), 2, dtype=torch.float64))
+        self.register_buffer("window_updates", torch.zeros((), dtype=torch.long))
+        self.stop_reason: list[str | None] = [None] * len(teachers)
+        self.end_state: dict[str, Any] | None = None  # the teachers at the last validation (see final_metrics)
         self.register_buffer("val_labels", val_labels.clone(), persistent=False)
         if guarded and self.eff.guard_every is not None:
             self.register_buffer("teacher_updates", torch.zeros((), dtype=torch.long))
@@ -297,15 +321,12 @@ class ATF(Method):
                 self.check_guard(self.teacher_val_accuracy())
             self.teacher_updates += 1
         live = [update and not bool(done) for done in self.stopped]  # teachers adapting on this step
-        if self.eff.teacher_bn == "train":
-            for t, on in zip(self.teachers, live):
-                t.model.train(on and self.training)
+        z = self.teacher_logits(x, live)  # [K, B, C]
+        if any(live) and self.collapse_check and self.training:
+            if self.watch_collapse(z.detach(), y, live):  # a teacher was stopped and rolled back
+                live = [update and not bool(done) for done in self.stopped]
+                z = self.teacher_logits(x, live)
         s = self.model(x).float()
-        zs = []
-        for t, on in zip(self.teachers, live):
-            with torch.set_grad_enabled(on):
-                zs.append(t(x).float())
-        z = torch.stack(zs)  # [K, B, C]
         zt = z.detach()
         w = fusion.weights(self.cfg.fusion.strategy, zt, y, self.val_acc0, self.cfg.fusion.tau)
         target = fusion.fuse(zt, w, T, m.standardize)
@@ -337,13 +358,90 @@ class ATF(Method):
         out["teacher_acc"] = (zt.argmax(-1) == y).float().mean()
         return {"loss": student_loss + teacher_loss if update else student_loss, **out}
 
+    def teacher_logits(self, x: torch.Tensor, live: list[bool]) -> torch.Tensor:
+        """[K, B, C] float32 logits of the teachers; the ``live`` ones with gradients (and, with
+        ``teacher_bn: train``, in train mode)."""
+        if self.eff.teacher_bn == "train":
+            for t, on in zip(self.teachers, live):
+                t.model.train(on and self.training)
+        zs = []
+        for t, on in zip(self.teachers, live):
+            with torch.set_grad_enabled(on):
+                zs.append(t(x).float())
+        return torch.stack(zs)
+
+    @torch.no_grad()
+    def watch_collapse(self, z: torch.Tensor, y: torch.Tensor, live: list[bool]) -> bool:
+        """The collapse check on an update step, given the teachers' logits ``z`` [K, B, C] (before
+        this step's update): count each live teacher's correct predictions; every ``collapse_window``
+        updates (and at once if a teacher's logits are not finite) sum the counts over ranks and stop
+        every teacher whose window accuracy is more than ``collapse_drop`` below its validation
+        accuracy before training. Returns whether a teacher was stopped."""
+        finite = torch.isfinite(z).flatten(1).all(1)  # [K]
+        on = torch.tensor(live, device=z.device)
+        self.window[:, 0] += ((z.argmax(-1) == y).sum(1) * on).double()
+        self.window[:, 1] += on.double() * y.numel()
+        self.window_updates += 1
+        bad = (~finite & on).double()
+        due = int(self.window_updates) % self.eff.collapse_window == 0
+        if self.dist.enabled:  # one decision for every rank: counts and flags summed over ranks
+            flags = self.dist.sum(bad.tolist(), z.device)
+            bad = torch.tensor(flags, device=z.device)
+        if not due and not bool(bad.any()):
+            return False
+        counts = self.window.clone()
+        if due and self.dist.enabled:
+            counts = torch.tensor(self.dist.sum(counts.flatten().tolist(), z.device),
+                                  dtype=torch.float64, device=z.device).view_as(counts)
+        stop = []
+        for k in range(len(self.teachers)):
+            if not live[k]:
+                continue
+            if bad[k] > 0:
+                stop.append((k, "its logits were not finite"))
+            elif due and counts[k, 1] > 0:
+                acc = float(counts[k, 0] / counts[k, 1])
+                floor = float(self.val_acc0[k]) - self.eff.collapse_drop
+                if acc < floor:
+                    stop.append((k, f"its training accuracy over the last {int(counts[k, 1])} samples was "
+                                    f"{acc:.3f}, below {floor:.3f} (validation accuracy before training "
+                                    f"{float(self.val_acc0[k]):.3f} - collapse_drop {self.eff.collapse_drop})"))
+        if due:
+            self.window.zero_()
+        for k, reason in stop:
+            self.stop_teacher(k, f"collapse check: {reason}")
+        return bool(stop)
+
+    @torch.no_grad()
+    def stop_teacher(self, k: int, reason: str) -> None:
+        """Stop teacher k's adaptation and roll it back to its best state (rank 0's on every rank);
+        one log line."""
+        t = self.teachers[k]
+        self.best_states[k].restore(t.model)
+        self.dist.broadcast_(list(t.model.state_dict().values()))
+        self.stopped[k] = True
+        self.stopped_at[k] = self._step
+        target = "its best validated state" if self.eff.guard is not None else "its pretrained weights"
+        self.stop_reason[k] = f"{reason}; rolled back to {target}"
+        if self.dist.is_main:
+            log.warning("atf: teacher %d (%s) stopped adapting at step %d: %s", k, t.name, self._step,
+                        self.stop_reason[k])
+
     @torch.no_grad()
     def after_validation(self) -> dict[str, float]:
-        """With ``guard``: ``check_guard`` on the teachers' validation accuracy. Returns those
-        accuracies for the log."""
-        if self.eff.guard is None or self.m.mode == "offline":
+        """Records the teachers' state (the last call is the end of training; see ``final_metrics``);
+        with ``guard``: ``check_guard`` on the teachers' validation accuracy (rank 0's on every rank).
+        Returns those accuracies for the log."""
+        if self.m.mode == "offline":
             return {}
-        return self.check_guard(self.teacher_val_accuracy())
+        log_row = {}
+        if self.eff.guard is not None:
+            log_row = self.check_guard(self.teacher_val_accuracy())
+        self.end_state = {"teachers": [{k: v.detach().clone() for k, v in t.model.state_dict().items()}
+                                       for t in self.teachers],
+                          "step": self._step + 1, "stopped": self.stopped.tolist(),
+                          "stopped_at": self.stopped_at.tolist(), "reason": list(self.stop_reason)}
+        return log_row
 
     @torch.no_grad()
     def teacher_val_accuracy(self) -> torch.Tensor:
@@ -370,19 +468,19 @@ class ATF(Method):
         """Given the teachers' validation accuracy ``acc`` [K]: keep each one's best state; stop a
         teacher whose accuracy fell more than ``guard`` below its accuracy before training and roll
         it back to its best state."""
-        log = {}
+        self.dist.broadcast_([acc])  # rank 0's accuracies decide on every rank
+        row = {}
         for k, t in enumerate(self.teachers):
-            log[f"teacher{k}_acc"] = float(acc[k])
+            row[f"teacher{k}_acc"] = float(acc[k])
             if self.stopped[k]:
                 continue
             if acc[k] >= self.best_acc[k]:
                 self.best_acc[k] = acc[k]
                 self.best_states[k].save(t.model)
             elif acc[k] < self.val_acc0[k] - self.eff.guard:
-                self.best_states[k].restore(t.model)
-                self.stopped[k] = True
-                self.stopped_at[k] = self._step
-        return log
+                self.stop_teacher(k, f"guard: validation accuracy {float(acc[k]):.3f} fell more than "
+                                     f"{self.eff.guard} below {float(self.val_acc0[k]):.3f}")
+        return row
 
     # -------------------------------------------------------------------------------- outputs
     def student(self) -> nn.Module:
@@ -400,11 +498,46 @@ class ATF(Method):
 
     def final_metrics(self, score: Callable[[Callable[[torch.Tensor], torch.Tensor], str], dict[str, Any]]
                       ) -> dict[str, Any]:
-        """Per teacher: val/test metrics after training, and how far it moved: relative weight
-        change, validation accuracy before/after, agreement of the final student's validation
-        predictions with the teacher before (theta_0) and after adaptation. "After" is the teacher
-        of the selected checkpoint: best.pt holds the whole method, so the teacher is restored to
-        its state at the student's best-validation epoch."""
+        """Per teacher, measured on the weights it had at the end of training (its state at the last
+        validation, after the last step; a stopped teacher's is the state it was rolled back to):
+        relative weight change ``||theta - theta_0|| / ||theta_0||``, val/test metrics, validation
+        accuracy before/after, agreement of the exported student's validation predictions with the
+        teacher before (theta_0) and after. ``selected_checkpoint``: the same for the teacher of the
+        student's best-validation checkpoint (best.pt holds the whole method), which is the one in
+        ``teacher_adapted*.pt``."""
+        selected = self.report_rows()
+        end = self.end_state
+        if end is not None:  # the trainer restored best.pt: measure the end state, then put it back
+            kept = [{k: v.clone() for k, v in t.model.state_dict().items()} for t in self.teachers]
+            for t, st in zip(self.teachers, end["teachers"]):
+                t.model.load_state_dict(st)
+        rows = self.report_rows()
+        for k, (row, sel, t) in enumerate(zip(rows, selected, self.teachers)):
+            stopped = bool(end["stopped"][k]) if end is not None else bool(self.stopped[k])
+            at = end["stopped_at"][k] if end is not None else int(self.stopped_at[k])
+            reason = end["reason"][k] if end is not None else self.stop_reason[k]
+            row["weights"] = (f"rolled back at step {at}" if stopped else
+                              f"end of training (after step {end['step']})" if end is not None else
+                              "selected checkpoint (no validation was recorded)")
+            row["val"], row["test"] = score(t, "val"), score(t, "test")
+            if self.best_states is not None:
+                row["stop"] = {"stopped": stopped, "stopped_at_step": at if stopped else None, "reason": reason}
+            if self.eff.guard is not None:
+                row["guard"] = {"best_val_acc": float(self.best_acc[k]),
+                                "scored_from": "cached head features" if self.probe_views[k] is not None
+                                else "validation pass"}
+            row["selected_checkpoint"] = {key: sel[key] for key in
+                                          ("relative_weight_change", "val_acc_after", "agreement_after")}
+        if end is not None:
+            for t, st in zip(self.teachers, kept):
+                t.model.load_state_dict(st)
+        return {"atf": {"mode": self.m.mode, "effective": asdict(self.eff), "fusion": self.cfg.fusion.strategy,
+                        "teachers": rows}}
+
+    @torch.no_grad()
+    def report_rows(self) -> list[dict[str, Any]]:
+        """Per teacher, on its current weights: name, source, relative weight change, validation
+        accuracy before/after and agreement with the student before/after."""
         out = self.predict_val(lambda x: stack_logits([self.model, *self.teachers], x, 1))
         pred = out["logits"].argmax(-1).T.to(self.val_pred0.device)  # [1 + K, N]
         labels = out["labels"].to(pred.device)
@@ -417,15 +550,8 @@ class ATF(Method):
                 "val_acc_before": acc0, "val_acc_after": acc1, "val_acc_change": acc1 - acc0,
                 "agreement_before": float((pred[0] == self.val_pred0[k]).float().mean()),
                 "agreement_after": float((pred[0] == pred[1 + k]).float().mean()),
-                "val": score(t, "val"), "test": score(t, "test"),
-                **({"guard": {"stopped": bool(self.stopped[k]), "stopped_at_step": int(self.stopped_at[k])
-                              if self.stopped[k] else None, "best_val_acc": float(self.best_acc[k]),
-                              "scored_from": "cached head features" if self.probe_views[k] is not None
-                              else "validation pass"}}
-                   if self.eff.guard is not None else {}),
             })
-        return {"atf": {"mode": self.m.mode, "effective": asdict(self.eff), "fusion": self.cfg.fusion.strategy,
-                        "teachers": rows}}
+        return rows
 
 
 def head_probe(t: Teacher, eff: Effective, predict_val: Predict) -> tuple[StagedModel, torch.Tensor] | None:
@@ -452,7 +578,7 @@ def online_peer(cfg_name: str, kwargs: dict[str, Any], num_classes: int, mean: S
 
 @METHODS.register("atf", config=ATFMethod)
 def build_atf(cfg: ExperimentConfig, data: Any, build_student: Callable[[], nn.Module], device: torch.device,
-              **_: Any) -> ATF:
+              dist: DistContext | None = None, **_: Any) -> ATF:
     """ATF (or one of its comparison modes) for ``cfg.method.mode``; measures the teachers on
     validation once, before any training."""
     m = cfg.method
@@ -477,4 +603,4 @@ def build_atf(cfg: ExperimentConfig, data: Any, build_student: Callable[[], nn.M
     for t in teachers:
         t.to(device).eval()
     before = predict_val(lambda x: stack_logits(teachers, x, 1))
-    return ATF(cfg, student, teachers, before["logits"].transpose(0, 1), before["labels"], predict_val)
+    return ATF(cfg, student, teachers, before["logits"].transpose(0, 1), before["labels"], predict_val, dist)

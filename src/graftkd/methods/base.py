@@ -106,6 +106,13 @@ class Method(nn.Module):
         ``graft:<name>`` network, overrides it."""
         return None
 
+    def uses_unlabeled(self) -> bool:
+        """Whether the method has a teacher-driven term that can learn from unlabelled images
+        (``data.unlabeled``). When True, a training batch may hold unlabelled images after the
+        labelled ones: their ``label`` is ``UNLABELED`` (-1) and ``batch["labeled"]`` is False; label
+        terms must use only the labelled ones (``labelled_ce``, ``labelled_acc``)."""
+        return False
+
     def after_validation(self) -> dict[str, float]:
         """Called (in eval mode) after every validation of the student; returns extra values for
         the log row (e.g. ATF's teacher guard)."""
@@ -125,6 +132,22 @@ class Method(nn.Module):
         """Extra entries for metrics.json after training (teachers, ensemble, parameter counts, ...).
         ``score(fn, split)`` evaluates a logits function on "val" or "test" with every metric."""
         return {}
+
+
+#: the label of an unlabelled image in a training batch
+UNLABELED = -1
+
+
+def labelled_ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled images of a batch (label ``UNLABELED`` is skipped);
+    equal to ``F.cross_entropy`` when every image is labelled."""
+    return nn.functional.cross_entropy(logits, labels, ignore_index=UNLABELED, label_smoothing=label_smoothing)
+
+
+def labelled_acc(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Accuracy over the labelled images of a batch."""
+    known = labels != UNLABELED
+    return (logits.argmax(1)[known] == labels[known]).float().mean()
 
 
 def single_phase(cfg: ExperimentConfig, params: Iterable[nn.Parameter], name: str = "train") -> list[Phase]:

@@ -11,13 +11,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from graftkd.config import ExperimentConfig, MethodConfig, WarmupInSteps
 from graftkd.losses.dkd import DKDLoss
-from graftkd.methods.base import METHODS, StepContext
+from graftkd.methods.base import METHODS, UNLABELED, StepContext, labelled_acc, labelled_ce
 from graftkd.methods.kd import TeacherStudent, agreement
 from graftkd.teachers.targets import TeacherTargets, build_teacher_targets
 
@@ -48,11 +47,12 @@ class DKD(TeacherStudent):
         logits = self.model(batch["image"])
         target = self.targets(batch)
         y = batch["label"]
-        ce = F.cross_entropy(logits.float(), y)
+        ce = labelled_ce(logits.float(), y)
         progress = ctx.phase_step + 1 if self.m.warmup_steps else ctx.epoch + 1  # the ramp's unit
-        dkd = self.dkd(logits, y, progress, teacher_probs=target)
+        # an unlabelled image's target class (TCKD/NCKD split) is the fused teacher's top class
+        dkd = self.dkd(logits, torch.where(y == UNLABELED, target.argmax(1), y), progress, teacher_probs=target)
         return {"loss": self.m.ce_weight * ce + dkd, "ce": ce, "dkd": dkd,
-                "acc": (logits.argmax(1) == y).float().mean(), "agreement": agreement(logits, target)}
+                "acc": labelled_acc(logits, y), "agreement": agreement(logits, target)}
 
 
 @METHODS.register("dkd", config=DKDMethod)

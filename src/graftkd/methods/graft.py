@@ -34,14 +34,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Iterator, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
 from graftkd.config import ExperimentConfig, MethodConfig, OptimizerConfig, ScheduleConfig, Strict
 from graftkd.errors import UserError
 from graftkd.losses import kd_loss_from_probs, normalized_logit_mse
-from graftkd.methods.base import METHODS, Method, OptimSpec, Phase, StepContext
+from graftkd.methods.base import METHODS, Method, OptimSpec, Phase, StepContext, labelled_acc, labelled_ce
 from graftkd.models import count_params
 from graftkd.models.staged import (
     GRAFT_PREFIX,
@@ -435,19 +434,24 @@ class Graft(Method):
         elif target == "fused":
             out["kd"] = loss = kd_loss_from_probs(s, self.targets(batch), opts.temperature)
         else:
-            out["ce"] = loss = F.cross_entropy(s, y)
+            out["ce"] = loss = labelled_ce(s, y)
         if opts.kd_weight > 0 and not (target == "fused" and opts.fused_loss == "kl"):
             out["kd"] = kd_loss_from_probs(s, self.targets(batch), opts.temperature)
             loss = loss + opts.kd_weight * out["kd"]
         if target != "label" and opts.ce_weight > 0:
-            out["ce"] = F.cross_entropy(s, y)
+            out["ce"] = labelled_ce(s, y)
             loss = loss + self.opts.ce_weight * out["ce"]
         out["loss"] = loss
-        out["acc"] = (s.argmax(1) == y).float().mean()
+        out["acc"] = labelled_acc(s, y)
         return out
 
     def eval_logits(self, images: Tensor) -> Tensor:
         return self.hybrid(images)
+
+    def uses_unlabeled(self) -> bool:
+        """The host and fused targets need no label (NetGraft is label-free); ``target: label`` and
+        ``ce_weight`` use the labelled images only."""
+        return True
 
     # ------------------------------------------------------------------------------------ export
     @torch.no_grad()

@@ -11,13 +11,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from graftkd.config import DivergenceConfig, ExperimentConfig, MethodConfig
 from graftkd.losses.divergences import divergence, divergence_spec
-from graftkd.methods.base import METHODS, Method, Phase, StepContext, single_phase
+from graftkd.methods.base import METHODS, Method, Phase, StepContext, labelled_acc, labelled_ce, single_phase
 from graftkd.models import count_params
 from graftkd.teachers.targets import Score, TeacherTargets, build_teacher_targets, teachers_report
 
@@ -56,6 +55,9 @@ class TeacherStudent(Method):
     def student(self) -> nn.Module:
         return self.model
 
+    def uses_unlabeled(self) -> bool:
+        return True
+
     def final_metrics(self, score: Score) -> dict[str, Any]:
         report = teachers_report(self.targets.ensemble, score)
         report["params"] = {"student": count_params(self.model),
@@ -75,11 +77,11 @@ class KD(TeacherStudent):
         m = self.m
         logits = self.model(batch["image"])
         target = self.targets(batch)
-        ce = F.cross_entropy(logits.float(), batch["label"], label_smoothing=m.label_smoothing)
+        ce = labelled_ce(logits.float(), batch["label"], label_smoothing=m.label_smoothing)
         kd = divergence(self.div_kind, target, logits, m.temperature, standardize=m.standardize,
-                        **self.div_params).mean()
+                        **self.div_params).mean()  # every image, labelled or not
         return {"loss": m.ce_weight * ce + m.kd_weight * kd, "ce": ce, "kd": kd,
-                "acc": (logits.argmax(1) == batch["label"]).float().mean(), "agreement": agreement(logits, target)}
+                "acc": labelled_acc(logits, batch["label"]), "agreement": agreement(logits, target)}
 
 
 @METHODS.register("kd", config=KDMethod)

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from graftkd.config import ExperimentConfig
+from graftkd.data.datasets import ConcatViews
 from graftkd.distributed import DistContext
 from graftkd.runtime import Inference
 from graftkd.teachers.cache import SoftTargetCache, cache_manifest
 from graftkd.teachers.ensemble import TeacherEnsemble, load_teachers
 
 #: data config fields that do not change any training view (loader and storage settings)
-_VIEW_NEUTRAL = ("batch_size", "eval_batch_size", "num_workers", "decoded_cache", "on_bad_file")
+_VIEW_NEUTRAL = ("batch_size", "eval_batch_size", "num_workers", "decoded_cache", "on_bad_file", "unlabeled_batch_size")
 
 Score = Callable[[Callable[[torch.Tensor], torch.Tensor], str], dict[str, Any]]
 
@@ -46,7 +47,8 @@ def build_teacher_targets(cfg: ExperimentConfig, data: Any, run_dir: Path | None
                           dist: DistContext, temperature: float, standardize: bool) -> TeacherTargets:
     """Load the run's teachers and, with ``teacher_cache.enabled``, the soft-target cache.
 
-    The cache switches the training set to ``teacher_cache.views`` replayable views per image.
+    The cache switches the training set (and the unlabelled set, ``data.unlabeled``, whose items
+    follow the training set's in the cache) to ``teacher_cache.views`` replayable views per image.
     Under torchrun the build is split across ranks (rank 0 saves ``run_dir/cache``); a cache rank 0
     finds valid is read by every rank.
     """
@@ -56,13 +58,17 @@ def build_teacher_targets(cfg: ExperimentConfig, data: Any, run_dir: Path | None
     cc = cfg.teacher_cache
     if cc.enabled:
         data.train.views = cc.views
+        covered = data.train
+        if getattr(data, "unlabeled", None) is not None:
+            data.unlabeled.views = cc.views
+            covered = ConcatViews(data.train, data.unlabeled)
         data_config = cfg.data.model_dump(mode="json", exclude=set(_VIEW_NEUTRAL))
-        manifest = cache_manifest(ensemble, data.train, views=cc.views, temperature=temperature,
+        manifest = cache_manifest(ensemble, covered, views=cc.views, temperature=temperature,
                                   standardize=standardize, topk=cc.topk, data_config=data_config,
                                   data_seed=getattr(data.train, "seed", cfg.seed), image_size=data.image_size,
                                   classes=list(data.classes))
         folder = run_dir / "cache" if run_dir is not None else None
-        cache = SoftTargetCache.load_or_build(folder, ensemble, data.train, manifest, run)
+        cache = SoftTargetCache.load_or_build(folder, ensemble, covered, manifest, run)
     return TeacherTargets(ensemble, temperature, standardize, cache).to(device)
 
 
