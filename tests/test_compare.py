@@ -122,3 +122,38 @@ def test_a_diverging_run_is_recorded_and_the_study_goes_on(tmp_path, teacher, ca
     rows = {r["method"]: r for r in res["rows"]}
     assert rows["bad"]["mean"] is None and rows["scratch"]["values"] and rows["kd"]["values"]
     assert "Failed runs" in capsys.readouterr().out
+
+
+def _crash(cfg_file, log_file, conn):
+    """A run whose process dies without a word (as on a segfault or the out-of-memory killer)."""
+    import os
+
+    os._exit(7)
+
+
+def test_warm_workers_and_submitit_executors_give_the_in_process_results(tmp_path, teacher):
+    study = write_study(tmp_path, teacher)
+    common = ["compare", str(study), f"data.root={tmp_path / 'data'}", "seeds=[0]"]
+    values = {}
+    for name, extra in {"in_process": [], "pool": ["--jobs", "2"], "debug": ["--executor", "debug"],
+                        "local": ["--executor", "local", "--jobs", "2"]}.items():
+        assert main(common + [f"out={tmp_path / name}", "--results", str(tmp_path / f"{name}.json")] + extra) == 0
+        res = json.loads((tmp_path / f"{name}.json").read_text())
+        assert not res["failures"] and res["executor"] == ("pool" if name in ("in_process", "pool") else name)
+        values[name] = {r["method"]: r["values"] for r in res["rows"]}
+        assert (tmp_path / name / "runs" / ".cache" / "scores").is_dir()  # the teacher's scores, once per study
+    assert values["pool"] == values["in_process"] == values["debug"] == values["local"]
+    assert "--executor local" in json.loads((tmp_path / "local.json").read_text())["command"]
+
+
+def test_a_run_whose_process_dies_is_a_failed_run_and_the_pool_goes_on(tmp_path):
+    from graftkd.study import WarmPool
+
+    pool = WarmPool()
+    try:
+        assert pool.run(tmp_path / "no.yaml", tmp_path / "a.log", target=_crash) == "the run's process died (exit 7)"
+        error = pool.run(tmp_path / "no.yaml", tmp_path / "b.log")  # the next run starts as usual
+    finally:
+        pool.close()
+    assert error == f"config file not found: {tmp_path / 'no.yaml'}"
+    assert "no.yaml" in (tmp_path / "b.log").read_text()

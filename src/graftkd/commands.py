@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from graftkd.errors import UserError
+from graftkd.errors import UserError, positive_int
 
 if TYPE_CHECKING:  # the schema is imported when a command runs: building it costs ~0.5 s of `--help`
     from graftkd.config import ExperimentConfig
@@ -23,7 +23,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run folder from checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder; the old one is kept (as .<name>.replaced) until "
                                                          "the new run has written its first checkpoint")
-    p.add_argument("--nproc", type=int, default=1, help="launch this many processes with torchrun (DDP)")
+    p.add_argument("--nproc", type=positive_int, default=1, help="launch this many processes with torchrun (DDP)")
 
 
 def _config_for(args: argparse.Namespace) -> ExperimentConfig:
@@ -43,9 +43,12 @@ def _run(args: argparse.Namespace, supervised: bool) -> int:
     if args.nproc > 1:
         from graftkd.engine.launch import relaunch_with_torchrun
         from graftkd.experiment import preflight
+        from graftkd.files import LOCK_ENV, FolderLock
 
-        preflight(cfg, args.resume, args.overwrite)  # user errors before any rank starts (no run folder yet)
-        return relaunch_with_torchrun(args.nproc)
+        with FolderLock(cfg.run_dir) as lock:  # the launcher holds the run folder; its ranks inherit the lock
+            preflight(cfg, args.resume, args.overwrite)  # user errors before any rank starts (no run folder yet)
+            os.environ[LOCK_ENV] = lock.child_env()[LOCK_ENV]
+            return relaunch_with_torchrun(args.nproc)
     from graftkd.experiment import execute, read_metrics
 
     run_dir = execute(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -68,12 +71,40 @@ def run_distill(args: argparse.Namespace) -> int:
 
 def add_models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="glob over model names, e.g. 'resnet*'")
+    p.add_argument("--params", action="store_true", help="also count the parameters of ours (builds them: slower)")
+
+
+def _stored_model_index() -> dict | None:
+    """``models/index.json`` when it was written for the installed timm, else None."""
+    import json
+    from importlib import resources
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        index = json.loads(resources.files("graftkd").joinpath("models/index.json").read_text())
+        return index if index.get("timm") == version("timm") else None
+    except (OSError, ValueError, PackageNotFoundError):
+        return None
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from graftkd.models.factory import format_model_table
+    index = None if args.params else _stored_model_index()
+    if index is None:  # counting parameters, or a timm the index was not written for: the live registries
+        from graftkd.models.factory import format_model_table
 
-    print(format_model_table(args.pattern))
+        print(format_model_table(args.pattern, params=args.params))
+        return 0
+    from fnmatch import fnmatchcase
+
+    ours = [n for n in index["ours"] if fnmatchcase(n, args.pattern)]
+    theirs = [n for n in index["timm_models"] if fnmatchcase(n.removeprefix("timm:"), args.pattern)]
+    # the table code without its module (which imports torch): the same columns as format_model_table
+    rows = [("name", "source")] + [(n, "ours") for n in ours] + [(n, "timm") for n in theirs]
+    if len(rows) == 1:
+        print(f"no model matches '{args.pattern}'")
+        return 0
+    width = max(len(r[0]) for r in rows)
+    print("\n".join(f"{a:<{width}}  {b}" for a, b in rows))
     return 0
 
 
@@ -89,6 +120,9 @@ def run_demo(args: argparse.Namespace) -> int:
     return demo(quick=args.quick, data_root=args.data, out=args.out)
 
 
+EXECUTORS = ("pool", "local", "slurm", "debug")
+
+
 def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Compare methods on one step budget: every method x shots x seed of a study YAML is run (a finished "
@@ -99,7 +133,12 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
                    help="keys: name, data, teachers, student, common, shots, seeds, steps, methods "
                         "(name -> config fragment), baseline; see docs/compare.md")
     p.add_argument("overrides", nargs="*", metavar="a.b=c", help="overrides of the study YAML (e.g. seeds=[0,1])")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (each in its own process when > 1)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs at once (each in its own process forked from a warm "
+                                                       "worker when > 1; with --executor local|debug: jobs in flight)")
+    p.add_argument("--executor", choices=EXECUTORS, default="pool",
+                   help="pool: this machine (default); slurm: each run a Slurm job through submitit, with the "
+                        "study's `resources` (gpus, cpus, time_min, partition); local / debug: submitit's "
+                        "local (a process per job) and in-process executors, to try a study's jobs here")
     p.add_argument("--results", type=Path, help="also write the JSON here")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each would be reused")
     p.add_argument("--methods", nargs="+", metavar="NAME", help="only these methods of the study (same runs)")
@@ -108,10 +147,12 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise UserError("--jobs must be >= 1")
-    extra = ([f"--jobs {args.jobs}"] if args.jobs != 1 else []) + ([f"--results {args.results}"] if args.results else [])
+    extra = ([f"--jobs {args.jobs}"] if args.jobs != 1 else []) + (
+        [f"--executor {args.executor}"] if args.executor != "pool" else [])
+    extra += ([f"--results {args.results}"] if args.results else [])
     extra += ["--methods " + " ".join(args.methods)] if args.methods else []
     command = " ".join(["graftkd compare", shlex.join([str(args.study), *args.overrides]), *extra])
     from graftkd.study import compare
 
-    compare(args.study, args.overrides, args.jobs, args.results, command, args.dry_run, args.methods)
+    compare(args.study, args.overrides, args.jobs, args.results, command, args.dry_run, args.methods, args.executor)
     return 0

@@ -13,14 +13,20 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from graftkd.config_errors import format_validation_error
 from graftkd.errors import UserError
 from graftkd.registry import Registry
+
+
+#: a seed: what torch.manual_seed and the derived seeds take (0 .. 2**64 - 1)
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
+#: a positive normalisation std (images are divided by it)
+PositiveStd = Annotated[float, Field(gt=0)]
 
 
 class Strict(BaseModel):
@@ -58,7 +64,7 @@ class SplitConfig(Strict):
                                                                      "test split (the others are train and val)")
     folds_csv: Path | None = Field(None, description="official BreakHis Folds.csv (fold,mag,grp,filename)")
     file: Path | None = Field(None, description="a split CSV written by an earlier run, re-used as is")
-    seed: int | None = Field(None, description="split seed; None means the experiment seed")
+    seed: Seed | None = Field(None, description="split seed; None means the experiment seed")
     on_empty_class: Literal["error", "warn"] = Field(
         "error", description="a class that has images but none in train, val or test: error (naming the class), "
                              "or warn (one line on stderr) and go on")
@@ -84,7 +90,7 @@ class SyntheticConfig(Strict):
                                                                        "(same at every magnification); None: all equal")
     size: tuple[int, int] = Field((128, 128), description="width, height in pixels")
     magnifications: list[Literal[40, 100, 200, 400]] = [40, 100, 200, 400]
-    seed: int = 0
+    seed: Seed = 0
     centres: int = Field(1, ge=1, description="centres (labs) the patients come from, assigned round-robin within "
                                               "each subtype; each centre has its own stain vectors and intensity "
                                               "(centre ids 0..centres-1, for split.kind = centre)")
@@ -132,7 +138,7 @@ class DataConfig(Strict):
                                                                            "augment=histology_stain")
     stain_norm: StainNormConfig = Field(StainNormConfig(), description="Macenko/Reinhard stain normalisation")
     mean: tuple[float, float, float] | None = Field(None, description="None: the source's preset")
-    std: tuple[float, float, float] | None = None
+    std: tuple[PositiveStd, PositiveStd, PositiveStd] | None = None
     split: SplitConfig = SplitConfig()
     shots: int | None = Field(None, ge=1, description="few-shot: N training images per class (drawn with the "
                                                      "experiment seed; with shots_file/shots_column: the count "
@@ -156,6 +162,9 @@ class DataConfig(Strict):
     on_bad_file: Literal["error", "skip"] = Field(
         "error", description="an unreadable image (empty, truncated, not an image; BreakHis: a name that does not "
                              "parse): error naming the file, or skip it (counted in the data summary and metrics.json)")
+    max_pixels: int = Field(89_478_485, ge=1, description="pixel budget of one image, checked from its header before "
+                                                           "decoding (default: PIL's decompression-bomb limit); a "
+                                                           "larger image is a bad file (see on_bad_file)")
     patient_suffix: Literal["merge", "keep"] = Field(
         "merge", description="BreakHis slide ids that differ only by a letter suffix (22549AB, 22549G): merge = one "
                              "patient (leak-free), keep = different patients")
@@ -188,7 +197,7 @@ class TeacherConfig(ModelConfig):
     """A frozen teacher: a checkpoint from `graftkd train`, or a timm name with pretrained: true."""
 
     mean: tuple[float, float, float] | None = Field(None, description="input normalisation; None: from checkpoint or data")
-    std: tuple[float, float, float] | None = None
+    std: tuple[PositiveStd, PositiveStd, PositiveStd] | None = None
 
 
 class FusionConfig(Strict):
@@ -308,15 +317,49 @@ class TrainerConfig(Strict):
         return self
 
 
+#: the longest run folder name: the name of its set-aside copy (``.<name>.replaced``) must fit in 255 bytes
+MAX_RUN_NAME = 255 - len(".") - len(".replaced")
+
+
+def check_run_name(name: str, key: str) -> str:
+    """A run folder name is a relative path that stays inside ``output.dir``: not empty, not
+    absolute, no ``.``/``..``/empty/hidden part, every part short enough for its set-aside copy."""
+    why = None
+    parts = name.split("/")
+    if not name.strip():
+        why = "is empty"
+    elif "\0" in name:
+        why = "contains a NUL character"
+    elif name.startswith("/"):
+        why = "is an absolute path; it must be a folder name inside output.dir"
+    elif any(p in (".", "..") for p in parts):
+        why = "contains '.' or '..'; the run folder must be a new folder inside output.dir"
+    elif any(not p for p in parts):
+        why = "has an empty part ('//' or a trailing '/')"
+    elif any(p.startswith(".") for p in parts):
+        why = "has a part starting with '.' (hidden names are graftkd's own: .cache, .<name>.replaced)"
+    elif any(len(p.encode()) > MAX_RUN_NAME for p in parts):
+        why = f"has a part longer than {MAX_RUN_NAME} bytes (its set-aside copy .<name>.replaced must fit in 255)"
+    if why is not None:
+        raise ValueError(f"{key} {why}")
+    return name
+
+
 class OutputConfig(Strict):
     dir: Path = Path("runs")
-    name: str | None = Field(None, description="run folder name; None: the experiment name")
+    name: str | None = Field(None, description="run folder name: a relative path inside output.dir (no '.', '..' "
+                                               "or hidden parts); None: the experiment name")
     tensorboard: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return v if v is None else check_run_name(v, "output.name")
 
 
 class ExperimentConfig(Strict):
     name: str = "experiment"
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     teachers: list[TeacherConfig] = Field(default_factory=list)
@@ -328,6 +371,11 @@ class ExperimentConfig(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     trainer: TrainerConfig = TrainerConfig()
     output: OutputConfig = OutputConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        return check_run_name(v, "the experiment name (the run folder when output.name is null)")
 
     @property
     def run_dir(self) -> Path:
@@ -390,6 +438,48 @@ def apply_override(tree: dict, parts: list[str], value: Any) -> None:
         node[last] = value
 
 
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (safe_load keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise DuplicateKey(
+                    None, None, f"duplicate key {key!r} on line {line} (first given on line {seen[key]})",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """A YAML file, read safely: UTF-8 only, no duplicate keys, no tags; one-line UserError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"file not found: {p}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as "
+                        f"UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {p}: {e.strerror or e}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  a SafeLoader subclass
+    except DuplicateKey as e:
+        raise UserError(f"{p}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read a YAML file (safe_load), apply ``a.b=c`` overrides, validate into ExperimentConfig."""
     raw: dict = {}
@@ -399,10 +489,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         source = str(p)
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise UserError(f"{p}: not valid YAML: {e}") from None
+        loaded = read_yaml(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -7,6 +7,7 @@ exported student, metrics.json. The top of the stack: it imports every layer, no
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -27,7 +28,8 @@ from graftkd.distributed import DistContext, init_distributed
 from graftkd.engine.trainer import Trainer
 from graftkd.errors import UserError
 from graftkd.eval.metrics import score_split
-from graftkd.files import atomic_write_json, atomic_write_text
+from graftkd.files import (FolderLock, atomic_write_json, atomic_write_text, folder_kind, mark_folder, name_max,
+                           require_mark)
 from graftkd.methods import METHODS  # the package: importing it registers every method
 from graftkd.runtime import derived_seed, resolve_device, resolve_precision, seed_everything
 
@@ -41,12 +43,14 @@ def recover_interrupted_replacement(run_dir: Path) -> None:
     """Finish an ``--overwrite`` that was killed half-way: the old run comes back if the new one never
     reached its first checkpoint; otherwise the new run stands and the old one is deleted."""
     aside = aside_path(run_dir)
-    if not aside.is_dir():
+    if not aside.is_dir() or folder_kind(aside) != "run":
         return
-    if (run_dir / "checkpoints" / "last.pt").is_file():
+    if folder_kind(run_dir) == "run" and (run_dir / "checkpoints" / "last.pt").is_file():
         shutil.rmtree(aside, ignore_errors=True)
         return
     if run_dir.exists():
+        if folder_kind(run_dir) != "run" and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            return  # not ours: leave both alone (check_run_folder names the problem)
         shutil.rmtree(run_dir)
     os.rename(aside, run_dir)
     print(f"graftkd: note: restored {run_dir}, which an interrupted --overwrite had set aside", file=sys.stderr)
@@ -55,15 +59,26 @@ def recover_interrupted_replacement(run_dir: Path) -> None:
 def check_run_folder(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> Path:
     """Every check on the run folder, without creating or changing anything."""
     run_dir = cfg.run_dir
+    limit = name_max(run_dir.parent)
+    for part in (cfg.output.name or cfg.name).split("/"):
+        if len(f".{part}.replaced".encode()) > limit:
+            raise UserError(f"output.name part {part[:40]!r}... is too long for the filesystem of {cfg.output.dir} "
+                            f"(its set-aside copy .<name>.replaced must fit in {limit} bytes)")
     if resume:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise UserError(f"--resume: {run_dir} has no checkpoints/last.pt")
+        require_mark(run_dir, "run", "resume")
+        check_resume_config(cfg, run_dir)
         return run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"cannot create run folder {run_dir}: a file of that name exists")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise UserError(f"run folder {run_dir} already exists: pass --resume to continue it, "
-                        f"--overwrite to replace it, or set output.name=<new name>")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"run folder {run_dir} already exists: pass --resume to continue it, "
+                            f"--overwrite to replace it, or set output.name=<new name>")
+        require_mark(run_dir, "run", "replace (--overwrite)")
+        if aside_path(run_dir).exists():
+            raise UserError(f"cannot set {run_dir} aside: {aside_path(run_dir)} exists and graftkd did not make it")
     parent = run_dir
     while not parent.exists():
         parent = parent.parent
@@ -92,6 +107,7 @@ class RunStart:
         self.run_dir, self.resume, self.active = run_dir, resume, active
         self.aside: Path | None = None
         self.created = self.committed = self.was_empty = False
+        self.new_parents: list[Path] = []
         self._pending: list = []
         self._old_handler: Any = None
 
@@ -106,12 +122,25 @@ class RunStart:
             elif run_dir.is_dir():
                 self.was_empty = True
                 run_dir.rmdir()
+            parent = run_dir.parent
+            while not parent.exists():  # folders of a nested name made here, removed again on a failed start
+                self.new_parents.append(parent)
+                parent = parent.parent
             run_dir.mkdir(parents=True)
-        except OSError as e:
+            self.created = True
+            mark_folder(run_dir, "run")
+        except (OSError, UserError) as e:
+            if self.created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                self.created = False
             if self.aside is not None and not run_dir.exists():
                 os.rename(self.aside, run_dir)
+            elif self.was_empty and not run_dir.exists():
+                run_dir.mkdir()
+            self._remove_new_parents()
+            if isinstance(e, UserError):
+                raise
             raise UserError(f"cannot create run folder {run_dir}: {e.strerror or e}") from None
-        self.created = True
         if threading.current_thread() is threading.main_thread():
             self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
@@ -142,6 +171,13 @@ class RunStart:
         self._pending.clear()
         self._restore_handler()
 
+    def _remove_new_parents(self) -> None:
+        for p in self.new_parents:  # deepest first
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
     def _restore_handler(self) -> None:
         if self._old_handler is not None:
             signal.signal(signal.SIGTERM, self._old_handler)
@@ -158,9 +194,78 @@ class RunStart:
                 os.rename(self.aside, self.run_dir)
             elif self.was_empty:
                 self.run_dir.mkdir()
+            self._remove_new_parents()
         if exc_type is _Terminated:
             raise SystemExit(143)
         return False
+
+
+#: keys a resumed run may change: they cannot change what the run computes (progress display,
+#: threads, loader workers, the decoded-image cache, TensorBoard logging, where the folder lives);
+#: the changes are recorded in the run folder's ``resumes.json``
+RESUME_FREE = ("trainer.progress", "trainer.threads", "data.num_workers", "data.decoded_cache",
+               "output.tensorboard", "output.dir", "output.name")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": leaf}`` of a nested mapping (lists are leaves)."""
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, list], dict[str, list]]:
+    """(refused, allowed) changes between two resolved configs: key -> [saved value, new value]."""
+    a, b = flatten(saved), flatten(now)
+    changed = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k, ...) != b.get(k, ...)}
+    allowed = {k: v for k, v in changed.items() if k in RESUME_FREE}
+    return {k: v for k, v in changed.items() if k not in allowed}, allowed
+
+
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"--resume: cannot read {path} ({getattr(e, 'strerror', None) or type(e).__name__}): "
+                        f"the run's resolved config is needed to resume it") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume: {path} is not a resolved graftkd config")
+    return saved
+
+
+def check_resume_config(cfg: ExperimentConfig, run_dir: Path) -> dict[str, list]:
+    """Resuming continues the saved run: a resolved config that differs from its ``config.yaml`` is
+    refused, naming the keys, except ``RESUME_FREE`` keys (returned, to be recorded)."""
+    refused, allowed = config_changes(saved_config(run_dir), cfg.model_dump(mode="json"))
+    if refused:
+        shown = ", ".join(f"{k} ({_short(v[0])} -> {_short(v[1])})" for k, v in list(refused.items())[:6])
+        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        raise UserError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'} in {shown}{more}; "
+                        f"a resumed run continues with its saved config (start a new run to change it)")
+    return allowed
+
+
+def _short(v: Any) -> str:
+    text = "unset" if v is ... else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def record_resume(run_dir: Path, allowed: dict[str, list]) -> Path:
+    """Append this resume and the free keys it changed to ``resumes.json``."""
+    path = run_dir / "resumes.json"
+    try:
+        history = json.loads(path.read_text()) if path.is_file() else []
+    except (OSError, ValueError):
+        history = []
+    history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
+                    "changed": {k: {"saved": v[0], "now": v[1]} for k, v in allowed.items()}})
+    return atomic_write_json(path, history)
 
 
 def preflight(cfg: ExperimentConfig, resume: bool, overwrite: bool, *, is_main: bool = True) -> Any:
@@ -241,11 +346,26 @@ def _execute(cfg: ExperimentConfig, device: torch.device, dist: DistContext, res
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     t0 = time.perf_counter()
+    lock = FolderLock(cfg.run_dir)
+    if dist.is_main:
+        lock.acquire()  # one writer per run folder (released when the process ends, however it ends)
+    try:
+        return _execute_locked(cfg, device, dist, resume, overwrite, t0)
+    finally:
+        lock.release()
+
+
+def _execute_locked(cfg: ExperimentConfig, device: torch.device, dist: DistContext, resume: bool, overwrite: bool,
+                    t0: float) -> Path:
     data = preflight(cfg, resume, overwrite, is_main=dist.is_main)
     run_dir = cfg.run_dir
     with RunStart(run_dir, resume, active=dist.is_main) as start:
         dist.barrier()  # rank 0 has made the folder
-        start.defer(lambda: save_resolved_config(cfg, run_dir, dist))
+        if resume:  # config.yaml is the run's: never rewritten; free keys changed are recorded
+            allowed = check_resume_config(cfg, run_dir)
+            start.defer(lambda: record_resume(run_dir, allowed))
+        else:
+            start.defer(lambda: save_resolved_config(cfg, run_dir, dist))
         start.defer(lambda: data.write_splits(run_dir))
         if data.stain is not None:
             start.defer(lambda: atomic_write_json(run_dir / STAIN_FILE, data.stain.describe()))
@@ -303,10 +423,54 @@ def _finish(cfg: ExperimentConfig, device: torch.device, dist: DistContext, data
     for split, ds in (("val", data.val), ("test", data.test)):
         metrics[split] = score_split(method.eval_logits, ds, cfg, device, data.classes, rows, split)
     write_predictions_csv(run_dir / "predictions.csv", rows)
-    metrics.update(method.final_metrics(
-        lambda fn, split: score_split(fn, getattr(data, split), cfg, device, data.classes)))
+    metrics.update(method.final_metrics(score_memo(cfg, data, device)))
     atomic_write_json(run_dir / "metrics.json", metrics)
     return run_dir
+
+
+#: data settings that change no evaluation view (training-set draws, batches, loader workers)
+_EVAL_NEUTRAL = {"shots", "max_per_group", "shots_file", "shots_column", "batch_size", "eval_batch_size",
+                 "num_workers", "augment", "on_bad_file", "decoded_cache"}
+
+
+def score_memo(cfg: ExperimentConfig, data: Any, device: torch.device):
+    """``score(fn, split, key=None)`` for ``Method.final_metrics``. With a ``key`` (what ``fn`` is, by
+    content: a frozen teacher's weight checksum, an ensemble's teachers and weights) the metrics are
+    kept in ``<output.dir>/.cache/scores/``, keyed by it, the split's records, the evaluation
+    settings (data view, fitted stain normalisation, precision, channels_last, device) and the package source
+    (``code_revision``): the runs of a study, which share ``output.dir``, score each teacher and
+    ensemble once instead of once per run."""
+    from graftkd.runtime import code_revision
+    from graftkd.teachers.ensemble import records_hash
+
+    folder = Path(cfg.output.dir) / ".cache" / "scores"
+    fixed: dict[str, Any] = {}
+
+    def score(fn: Any, split: str, key: Any = None) -> dict[str, Any]:
+        ds = getattr(data, split)
+        if key is None:
+            return score_split(fn, ds, cfg, device, data.classes)
+        if not fixed:
+            fixed.update(code=code_revision()["code"], precision=resolve_precision(cfg, device)[0],
+                         channels_last=cfg.trainer.channels_last, device=device.type, classes=list(data.classes),
+                         view=[data.image_size, list(data.mean), list(data.std)],
+                         data=cfg.data.model_dump(mode="json", exclude=_EVAL_NEUTRAL),
+                         stain=data.stain.fingerprint() if getattr(data, "stain", None) is not None else None)
+        digest = hashlib.sha256(json.dumps([fixed, key, split, records_hash(ds.records)], sort_keys=True,
+                                           default=str).encode()).hexdigest()
+        path = folder / f"{digest[:40]}.json"
+        try:
+            return json.loads(path.read_text())["metrics"]
+        except (OSError, ValueError, KeyError):
+            pass
+        metrics = score_split(fn, ds, cfg, device, data.classes)
+        try:
+            atomic_write_json(path, {"key": key, "split": split, "metrics": metrics})
+        except UserError:
+            pass  # an unwritable output folder: no memo, the same metrics
+        return metrics
+
+    return score
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:

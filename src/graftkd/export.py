@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from graftkd.files import atomic_write_bytes, atomic_write_json
+from graftkd.files import atomic_write_bytes, atomic_write_json, default_file_mode
 from graftkd.errors import UserError
 
 FORMATS = ("safetensors", "onnx")
@@ -95,7 +95,10 @@ def write_safetensors(model: nn.Module, path: Path) -> Path:
     os.close(fd)
     try:
         save_model(model, tmp)
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 -> the mode of every other output
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"writing {path} failed ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -169,19 +172,34 @@ def export_model(run_or_model: str | Path, formats: Sequence[str] = FORMATS, out
     out = Path(out_dir) if out_dir is not None else run_dir
     card = build_card(meta, model, run_dir)
     hw = image_hw(meta["image_size"])
-    written: dict[str, Path] = {}
     files: dict[str, str] = {}
-    if "safetensors" in formats:
-        written["safetensors"] = write_safetensors(model, out / SAFETENSORS_NAME)
-        files["safetensors"] = SAFETENSORS_NAME
-    if "onnx" in formats:
-        data = onnx_bytes(model, hw, exporter)
-        card["onnx_check"] = {"batch": ONNX_CHECK_BATCH, "max_abs_diff": verify_onnx(data, model, hw),
-                              "tolerance": ONNX_TOLERANCE, "opset": ONNX_OPSET, "exporter": exporter}
-        written["onnx"] = atomic_write_bytes(out / ONNX_NAME, data)
-        files["onnx"] = ONNX_NAME
-    card["files"] = files
-    written["card"] = atomic_write_json(out / CARD_NAME, card)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    except OSError as e:
+        raise UserError(f"cannot write the export to {out}: {e.strerror or e}") from None
+    try:  # every file is made in a temporary folder first: an export is complete or absent
+        if "safetensors" in formats:
+            write_safetensors(model, stage / SAFETENSORS_NAME)
+            files["safetensors"] = SAFETENSORS_NAME
+        if "onnx" in formats:
+            data = onnx_bytes(model, hw, exporter)
+            card["onnx_check"] = {"batch": ONNX_CHECK_BATCH, "max_abs_diff": verify_onnx(data, model, hw),
+                                  "tolerance": ONNX_TOLERANCE, "opset": ONNX_OPSET, "exporter": exporter}
+            atomic_write_bytes(stage / ONNX_NAME, data)
+            files["onnx"] = ONNX_NAME
+        card["files"] = files
+        atomic_write_json(stage / CARD_NAME, card)
+        written: dict[str, Path] = {}
+        for kind, name in [*files.items(), ("card", CARD_NAME)]:  # the card last: it names the files
+            os.replace(stage / name, out / name)
+            written[kind] = out / name
+    except OSError as e:
+        raise UserError(f"cannot write the export to {out}: {e.strerror or e}") from None
+    finally:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
     return written
 
 
@@ -237,6 +255,9 @@ def load_exported(path: str | Path, backend: str = "auto") -> tuple[Predictor, d
             load_model(model, str(st), strict=True)
         except (RuntimeError, OSError) as e:
             raise UserError(f"{st}: weights do not fit {card['arch']} ({str(e).splitlines()[0][:200]})") from None
+        from graftkd.models.factory import check_finite
+
+        check_finite(model.state_dict(), st)
         return _torch_predictor(model.eval()), card
     if ox is None or not ox.is_file():
         raise UserError(f"{folder}: neither {SAFETENSORS_NAME} nor {ONNX_NAME} found")

@@ -31,6 +31,11 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
+def default_file_mode() -> int:
+    """The permission bits every output file gets (0666 minus the umask, as ``open()`` gives)."""
+    return _FILE_MODE
+
+
 def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> Path:
     path = Path(path)
     try:
@@ -107,8 +112,16 @@ def _parse_number(v: str) -> Any:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Atomically save a checkpoint dict (tensors, numbers, strings, lists, dicts only)."""
+    import io
+
     state = {"format": CHECKPOINT_FORMAT, **state}
-    return _atomic(path, lambda f: torch.save(state, f), "wb")
+
+    def write(f: Any) -> None:  # serialised first: a full disk is then an OSError naming the file, not a zip error
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        f.write(buf.getbuffer())
+
+    return _atomic(path, write, "wb")
 
 
 def _load_failure(e: BaseException) -> str:
@@ -143,3 +156,135 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a graftkd checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     return state
+
+
+# ------------------------------------------------------------------------------ ownership marks
+#: the file graftkd writes first into every run or study folder it creates; graftkd deletes,
+#: replaces or resumes only folders that carry it
+MARK = ".graftkd"
+
+
+def mark_folder(folder: Path, kind: str) -> Path:
+    """Mark ``folder`` (a run or a study) as made by graftkd."""
+    return atomic_write_json(Path(folder) / MARK, {"kind": kind, "pid": os.getpid()})
+
+
+def folder_kind(folder: Path) -> str | None:
+    """``"run"`` or ``"study"`` for a folder graftkd marked, else None. A run folder made before
+    marks existed counts as marked when it has graftkd's two signatures: a ``config.yaml`` headed by
+    graftkd's launch line and a ``checkpoints/last.pt`` in graftkd's checkpoint format."""
+    folder = Path(folder)
+    try:
+        return str(json.loads((folder / MARK).read_text()).get("kind"))
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        with (folder / "config.yaml").open(encoding="utf-8") as f:
+            headed = f.readline().startswith("# launched with ")
+        if headed and load_checkpoint(folder / "checkpoints" / "last.pt").get("format") == CHECKPOINT_FORMAT:
+            return "run"
+    except (OSError, UnicodeDecodeError, UserError):
+        pass
+    return None
+
+
+def require_mark(folder: Path, kind: str, action: str) -> None:
+    """A one-line error unless ``folder`` carries graftkd's mark of ``kind``."""
+    found = folder_kind(folder)
+    if found != kind:
+        what = "no graftkd mark" if found is None else f"marked as a graftkd {found}, not a {kind}"
+        raise UserError(f"will not {action} {folder}: it is not a folder graftkd created ({what}: {MARK} missing)"
+                        if found is None else f"will not {action} {folder}: it is {what}")
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name the filesystem of ``folder`` (or its closest existing parent) holds."""
+    p = Path(folder)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return int(os.pathconf(p, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+# ----------------------------------------------------------------------------------- one writer
+LOCK_ENV = "GRAFTKD_HELD_LOCKS"
+
+
+def _lock_dir() -> Path:
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    d = base / f"graftkd-locks-{os.getuid()}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def lock_path(folder: Path) -> Path:
+    """The lock file of ``folder``: keyed by its absolute path, outside it (a failed start leaves no trace)."""
+    import hashlib
+
+    key = os.path.realpath(os.path.abspath(folder))
+    return _lock_dir() / f"{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}.lock"
+
+
+class FolderLock:
+    """An exclusive ``fcntl.flock`` on a run or study folder, held while one process writes it.
+
+    A second process gets a one-line error naming the holder's PID. The kernel drops the lock when
+    the holder exits, however it ends. A process started by the holder (``--nproc`` ranks, a study's
+    run) inherits it through the ``GRAFTKD_HELD_LOCKS`` environment variable instead of waiting.
+    """
+
+    def __init__(self, folder: Path, what: str = "run folder") -> None:
+        self.folder, self.what = Path(folder), what
+        self.path = lock_path(self.folder)
+        self.fd: int | None = None
+
+    def inherited(self) -> bool:
+        held = os.environ.get(LOCK_ENV, "")
+        return str(self.path) in held.split(os.pathsep) if held else False
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        if self.fd is not None or self.inherited():
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            for _ in range(50):  # the holder writes its PID right after locking
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                if holder:
+                    break
+                import time
+
+                time.sleep(0.02)
+            os.close(fd)
+            raise UserError(f"{self.what} {self.folder} is being written by another graftkd process "
+                            f"(PID {holder or 'unknown'}); wait for it to end or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def child_env(self) -> dict[str, str]:
+        """The environment for a process this holder starts to write the same folder."""
+        held = [p for p in os.environ.get(LOCK_ENV, "").split(os.pathsep) if p]
+        return {**os.environ, LOCK_ENV: os.pathsep.join(held + [str(self.path)])}
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

@@ -12,9 +12,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,15 +23,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from pydantic import Field, ValidationError
 
 import graftkd.methods  # noqa: F401  registers every method and its config section
-from graftkd.config import (ExperimentConfig, Strict, apply_override, config_to_yaml, deep_merge, parse_override,
-                            validate_config)
+from graftkd.config import (ExperimentConfig, Seed, Strict, apply_override, config_to_yaml, deep_merge, parse_override,
+                            read_yaml, validate_config)
 from graftkd.errors import UserError
+from graftkd.runtime import code_revision  # noqa: F401  (re-exported: benchmarks import it from here)
 
 STUDY_OWNED = ("seed", "name", "output.dir", "output.name", "trainer.steps", "trainer.epochs", "data.shots")
+
+
+class Resources(Strict):
+    """What one run of the study asks a cluster for (``graftkd compare --executor slurm``; ``local``
+    and ``debug`` use the time limit only)."""
+
+    gpus: int = Field(0, ge=0, description="GPUs per run")
+    cpus: int = Field(1, ge=1, description="CPUs per run (Slurm cpus_per_task); match common.trainer.threads")
+    time_min: int = Field(60, ge=1, description="time limit of one run in minutes")
+    partition: str | None = Field(None, description="Slurm partition (None: the cluster's default)")
+    mem_gb: float | None = Field(None, gt=0, description="memory per run in GB (None: the cluster's default)")
+    slurm: dict[str, Any] = Field(default_factory=dict, description="more sbatch options, e.g. {account: x, qos: y}")
 
 
 class StudyConfig(Strict):
@@ -48,12 +60,13 @@ class StudyConfig(Strict):
     common: dict[str, Any] = Field(default_factory=dict, description="any other config sections every run shares")
     shots: list[int | None] = Field([None], min_length=1, description="labelled images per class (null: the "
                                                                        "whole training split / data's given set)")
-    seeds: list[int] = Field([0, 1, 2], min_length=1, description="experiment seeds (init, augmentation, draws)")
+    seeds: list[Seed] = Field([0, 1, 2], min_length=1, description="experiment seeds (init, augmentation, draws)")
     steps: int = Field(ge=1, description="optimiser steps of every run (trainer.steps): the equal budget")
     methods: dict[str, dict[str, Any]] = Field(min_length=1, description="name -> config fragment")
     baseline: str | None = Field(None, description="method the others are differenced against (None: the first)")
     bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the paired differences")
     results: Path | None = Field(None, description="also write the JSON here (e.g. benchmarks/results/x.json)")
+    resources: Resources = Field(default_factory=Resources, description="per run, for --executor slurm|local|debug")
 
     @property
     def folder(self) -> Path:
@@ -64,10 +77,7 @@ def load_study(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
     path = Path(path)
     if not path.is_file():
         raise UserError(f"study file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping")
     for text in overrides:
@@ -110,7 +120,7 @@ def build_jobs(study: StudyConfig) -> list[Job]:
     if study.base is not None:
         if not Path(study.base).is_file():
             raise UserError(f"study base config not found: {study.base}")
-        base = yaml.safe_load(Path(study.base).read_text()) or {}
+        base = read_yaml(study.base) or {}
     shared = {k: v for k, v in (("data", study.data), ("model", study.student)) if v}
     if study.teachers:
         shared["teachers"] = study.teachers
@@ -128,39 +138,6 @@ def build_jobs(study: StudyConfig) -> list[Job]:
                 raw["output"] = {**raw.get("output", {}), "dir": str(study.folder / "runs"), "name": name}
                 jobs.append(Job(method, shots, seed, validate_config(raw, f"study {study.name}, run {name}")))
     return jobs
-
-
-def code_revision() -> dict[str, str]:
-    """``commit``: ``git rev-parse HEAD`` of the checkout graftkd is imported from; ``code``: the git
-    tree of the package source at HEAD (what reuse keys on: commits that change only benchmarks,
-    configs, docs or tests leave it unchanged). Both get ``+dirty.<hash>`` when the package source
-    differs from HEAD; outside a git checkout both are the package version."""
-    pkg = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(pkg), *args], capture_output=True, text=True, check=True).stdout
-
-    try:
-        head = git("rev-parse", "HEAD").strip()
-        tree = git("rev-parse", f"HEAD:{git('rev-parse', '--show-prefix').strip()}").strip()
-        status = git("status", "--porcelain", "--untracked-files=all", "--", ".")
-    except (OSError, subprocess.CalledProcessError):
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            v = f"graftkd-{version('graftkd')}"
-        except PackageNotFoundError:
-            v = "unknown"
-        return {"commit": v, "code": v}
-    if not status.strip():
-        return {"commit": head, "code": tree}
-    h = hashlib.sha256(git("diff", "HEAD", "--", ".").encode())
-    for line in sorted(status.splitlines()):
-        if line.startswith("??"):
-            f = Path(git("rev-parse", "--show-toplevel").strip()) / line[3:]
-            h.update(f.read_bytes() if f.is_file() else b"")
-    dirty = f"+dirty.{h.hexdigest()[:12]}"
-    return {"commit": head + dirty, "code": tree + dirty}
 
 
 def _file_sha(path: Path) -> str:
@@ -189,26 +166,143 @@ def finished(job: Job, fp: str) -> bool:
     return stamp.get("fingerprint") == fp and (d / "metrics.json").is_file() and (d / "predictions.csv").is_file()
 
 
-def _run_job(job: Job, jobs: int, log_dir: Path) -> None:
-    if jobs == 1:
-        from graftkd.experiment import execute
+def _run_in_process(job: Job) -> None:
+    from graftkd.experiment import execute
 
-        execute(job.cfg, overwrite=True)
-        return
-    # a fresh interpreter per run: its own torch threads and memory; the resolved config is the input
+    execute(job.cfg, overwrite=True)
+
+
+def run_config_file(cfg_file: str) -> str | None:
+    """One run of a study from its resolved config file, in the process that calls it (a forked
+    worker, a submitit job on a cluster node): None when it finished, else the user error that
+    stopped it (a crash raises, and the caller records it as the run's failure)."""
+    import graftkd.methods  # noqa: F401  registers every method and its config section
+    from graftkd.config import load_config
+    from graftkd.experiment import execute
+
+    try:
+        execute(load_config(cfg_file, []), overwrite=True)
+    except UserError as e:
+        print(f"graftkd: error: {e}", file=sys.stderr, flush=True)
+        return str(e)
+    return None
+
+
+def _forked_run(cfg_file: str, log_file: str, conn: Any) -> None:
+    """Body of a forked worker: stdout and stderr to the run's log, the outcome down ``conn``. The
+    worker ends when the process that forked it ends (``end_with_parent``): no orphan run outlives
+    ``compare`` to race a rerun."""
+    import os
+    import traceback
+
+    end_with_parent()
+
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    try:
+        conn.send(run_config_file(cfg_file))
+    except BaseException as e:  # noqa: BLE001  anything else ends this run, not the study
+        traceback.print_exc()
+        conn.send(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+class WarmPool:
+    """Runs each job in its own process forked from one warm server process that has imported torch,
+    timm and graftkd once (``multiprocessing``'s forkserver): a run starts in milliseconds instead
+    of seconds, and a run that crashes (segfault, out of memory, an exception) ends its process
+    only: the study records it as failed and goes on. Children still running when the pool closes
+    (the study interrupted) are terminated."""
+
+    PRELOAD = ["graftkd.experiment", "graftkd.methods", "graftkd.models", "graftkd.teachers.targets",
+               "graftkd.eval.metrics", "timm", "torchvision"]
+
+    def __init__(self) -> None:
+        import multiprocessing as mp
+
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(self.PRELOAD)
+        self.live: set[Any] = set()
+
+    def run(self, cfg_file: Path, log_file: Path, target: Any = None) -> str | None:
+        """None when the run finished, else why it did not. ``target`` replaces ``_forked_run``
+        (a module-level function of the same arguments; tests make a run crash with it)."""
+        recv, send = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=target or _forked_run, args=(str(cfg_file), str(log_file), send), daemon=False)
+        proc.start()
+        self.live.add(proc)
+        send.close()
+        try:
+            outcome = recv.recv()
+        except EOFError:
+            proc.join()
+            outcome = f"the run's process died (exit {proc.exitcode})"
+        finally:
+            recv.close()
+        proc.join()
+        self.live.discard(proc)
+        if outcome is None and proc.exitcode != 0:
+            outcome = f"the run's process ended with exit {proc.exitcode}"
+        return outcome
+
+    def close(self) -> None:
+        for proc in list(self.live):
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: a starting run puts back what it replaced (RunStart)
+        for proc in list(self.live):
+            proc.join(timeout=30)
+
+
+def _write_job_config(job: Job, log_dir: Path) -> Path:
     cfg_file = log_dir / f"{job.cfg.name}.yaml"
     cfg_file.write_text(config_to_yaml(job.cfg))
-    command = "train" if job.cfg.method.name == "supervised" else "distill"
-    with (log_dir / f"{job.cfg.name}.log").open("w") as log:
-        rc = subprocess.run([sys.executable, "-m", "graftkd", command, "-c", str(cfg_file), "--overwrite"],
-                            stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        raise UserError(f"run {job.cfg.name} failed (exit {rc}); see {log_dir / f'{job.cfg.name}.log'}")
+    return cfg_file
 
 
-def run_jobs(jobs: list[Job], revision: dict[str, str], parallel: int, log_dir: Path) -> tuple[dict[str, bool], dict[str, str]]:
-    """Run what is not finished (``parallel`` at once); returns run name -> reused, and run name ->
-    error for runs that stopped with a user error (a diverged loss, say): the others go on."""
+def end_with_parent() -> None:
+    """In a run's process: SIGTERM when the process that started it ends (Linux ``PR_SET_PDEATHSIG``;
+    the forkserver ends with ``compare``), so a study's runs never outlive ``compare`` however it
+    ends; a run stopped before its first checkpoint rolls back, a later one can be resumed."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent already ended between fork and prctl
+        os._exit(143)
+
+
+def claim_study_folder(folder: Path) -> None:
+    """Mark a new study folder as graftkd's; an existing one must be a study (marked, or an older
+    graftkd study: compare.json, logs/ or runs/) and not a folder of the user's."""
+    from graftkd.files import folder_kind, mark_folder, require_mark
+
+    if folder_kind(folder) == "study":
+        return
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"study folder {folder} is a file")
+    if folder.is_dir() and any(folder.iterdir()) and not any((folder / n).exists() for n in ("compare.json", "logs", "runs")):
+        require_mark(folder, "study", "write a study into")
+    folder.mkdir(parents=True, exist_ok=True)
+    mark_folder(folder, "study")
+
+
+def run_jobs(jobs: list[Job], revision: dict[str, str], parallel: int, log_dir: Path,
+             executor: str = "pool", resources: "Resources | None" = None) -> tuple[dict[str, bool], dict[str, str]]:
+    """Run what is not finished; returns run name -> reused, and run name -> error for runs that
+    failed (a diverged loss, say, or a crashed process): the others go on.
+
+    ``executor``: ``pool`` runs ``parallel`` at once on this machine (in this process when 1, else in
+    warm forked workers, ``WarmPool``); ``local``, ``slurm`` and ``debug`` submit each run as a job
+    through submitit (``submit_jobs``)."""
     from graftkd.files import atomic_write_json
 
     shas: dict[str, str] = {}
@@ -217,30 +311,102 @@ def run_jobs(jobs: list[Job], revision: dict[str, str], parallel: int, log_dir: 
     todo = [j for j in jobs if not reused[j.cfg.name]]
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"[compare] {len(jobs)} runs, {len(jobs) - len(todo)} reused, {len(todo)} to run", flush=True)
+    print(f"[compare] {len(jobs)} runs, {len(jobs) - len(todo)} reused, {len(todo)} to run"
+          + (f" (executor {executor})" if executor != "pool" else ""), flush=True)
 
     failed: dict[str, str] = {}
+    started: dict[str, float] = {}
 
-    def one(job: Job) -> None:
-        t = time.perf_counter()
-        try:
-            _run_job(job, parallel, log_dir)
-        except UserError as e:
-            failed[job.cfg.name] = str(e)
-            print(f"[compare {time.perf_counter() - t0:6.0f}s] {job.cfg.name}: FAILED: {e}", flush=True)
+    def done(job: Job, error: str | None) -> None:
+        t = started.get(job.cfg.name, t0)
+        if error is not None:
+            failed[job.cfg.name] = error
+            print(f"[compare {time.perf_counter() - t0:6.0f}s] {job.cfg.name}: FAILED: {error}", flush=True)
             return
         atomic_write_json(job.run_dir / "study.json", {"fingerprint": prints[job.cfg.name], **revision})
         m = json.loads((job.run_dir / "metrics.json").read_text())
         print(f"[compare {time.perf_counter() - t0:6.0f}s] {job.cfg.name}: val {m['val']['accuracy']:.4f} "
               f"test {m['test']['accuracy']:.4f}, {m.get('steps')} steps, {time.perf_counter() - t:.0f} s", flush=True)
 
-    if parallel == 1:
+    if executor != "pool":
+        submit_jobs(todo, executor, resources or Resources(), parallel, log_dir, done, started)
+    elif parallel == 1:
         for job in todo:
-            one(job)
-    else:
-        with ThreadPoolExecutor(parallel) as pool:
-            list(pool.map(one, todo))
+            started[job.cfg.name] = time.perf_counter()
+            try:
+                _run_in_process(job)
+            except UserError as e:
+                done(job, str(e))
+                continue
+            done(job, None)
+    elif todo:
+        pool = WarmPool()
+
+        def one(job: Job) -> None:
+            started[job.cfg.name] = time.perf_counter()
+            log = log_dir / f"{job.cfg.name}.log"
+            error = pool.run(_write_job_config(job, log_dir), log)
+            done(job, None if error is None else f"run {job.cfg.name} failed: {error}; see {log}")
+
+        try:
+            with ThreadPoolExecutor(parallel) as threads:
+                list(threads.map(one, todo))
+        finally:
+            pool.close()
     return reused, failed
+
+
+def submit_jobs(todo: list[Job], executor: str, resources: "Resources", parallel: int, log_dir: Path,
+                done: Any, started: dict[str, float]) -> None:
+    """Each run as a submitit job (``executor``: ``slurm``, ``local`` or ``debug``) with the study's
+    ``resources``; finished jobs are collected as they end (``done(job, error)``). On Slurm every run
+    is submitted at once (the scheduler spreads them); ``local`` and ``debug`` keep ``parallel`` in
+    flight. A job that ends without a result (killed, timed out, crashed) is a failed run."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError(f"--executor {executor} needs submitit (pip install submitit)") from None
+    folder = log_dir / "submitit"
+    ex = submitit.AutoExecutor(folder=folder, cluster=executor)
+    params: dict[str, Any] = {"timeout_min": resources.time_min, "cpus_per_task": resources.cpus,
+                              "gpus_per_node": resources.gpus, "nodes": 1, "tasks_per_node": 1}
+    if resources.mem_gb is not None:
+        params["mem_gb"] = resources.mem_gb
+    if executor == "slurm":
+        if resources.partition is not None:
+            params["slurm_partition"] = resources.partition
+        if resources.slurm:
+            params["slurm_additional_parameters"] = dict(resources.slurm)
+    ex.update_parameters(**params)
+    queue = list(todo)
+    limit = len(queue) if executor == "slurm" else max(1, parallel)
+    pending: dict[Any, Job] = {}
+    try:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                job = queue.pop(0)
+                ex.update_parameters(name=f"graftkd_{job.cfg.name}")
+                started[job.cfg.name] = time.perf_counter()
+                sub = ex.submit(run_config_file, str(_write_job_config(job, log_dir).resolve()))
+                pending[sub] = job
+                print(f"[compare] submitted {job.cfg.name} as job {sub.job_id}", flush=True)
+            ended = [s for s in pending if s.done()]
+            if not ended:
+                time.sleep(0.5)
+                continue
+            for sub in ended:
+                job = pending.pop(sub)
+                try:
+                    error = sub.result()
+                except Exception as e:  # noqa: BLE001  the job's failure, not the study's
+                    first = str(e).strip().splitlines()
+                    error = f"job {sub.job_id} ended without a result: {first[0] if first else type(e).__name__}"
+                if error is not None:
+                    error = f"run {job.cfg.name} failed: {error}; see {sub.paths.stderr}"
+                done(job, error)
+    finally:
+        for sub in pending:
+            sub.cancel(check=False)
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -439,10 +605,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 def compare(study_path: Path, overrides: list[str] | tuple[str, ...] = (), jobs: int = 1,
             results: Path | None = None, command: str | None = None, dry_run: bool = False,
-            methods: list[str] | None = None) -> dict[str, Any]:
+            methods: list[str] | None = None, executor: str = "pool") -> dict[str, Any]:
     """Run (or reuse) every run of the study and write compare.json, compare.md and compare.png.
-    ``methods`` restricts the study to those methods (their runs are the same as in the full study)."""
-    from graftkd.files import atomic_write_json, atomic_write_text
+    ``methods`` restricts the study to those methods (their runs are the same as in the full study).
+    The study folder is locked while compare writes it: a second compare on it gets one line."""
+    from graftkd.files import FolderLock
 
     study = load_study(study_path, overrides)
     if methods:
@@ -462,7 +629,18 @@ def compare(study_path: Path, overrides: list[str] | tuple[str, ...] = (), jobs:
             print(f"{state:5} {j.run_dir}")
         return {}
     t0 = time.perf_counter()
-    reused, failed = run_jobs(all_jobs, revision, jobs, folder / "logs")
+    with FolderLock(folder, "study folder"):  # one compare per study folder
+        claim_study_folder(folder)
+        return _compare_locked(study, all_jobs, revision, folder, jobs, results, command, study_path, overrides, t0,
+                               executor)
+
+
+def _compare_locked(study: StudyConfig, all_jobs: list[Job], revision: dict[str, str], folder: Path, jobs: int,
+                    results: Path | None, command: str | None, study_path: Path,
+                    overrides: list[str] | tuple[str, ...], t0: float, executor: str) -> dict[str, Any]:
+    from graftkd.files import atomic_write_json, atomic_write_text
+
+    reused, failed = run_jobs(all_jobs, revision, jobs, folder / "logs", executor, study.resources)
     rows, diffs = collect(study, [j for j in all_jobs if j.cfg.name not in failed])
     command = command or "graftkd compare " + shlex.join([str(study_path), *overrides])
     title = (f"{study.name}: test accuracy, mean ± sd over seeds {', '.join(map(str, study.seeds))}; "
@@ -475,7 +653,7 @@ def compare(study_path: Path, overrides: list[str] | tuple[str, ...] = (), jobs:
            "rows": rows, "differences": diffs, "runs_reused": sum(reused.values()), "runs": len(all_jobs),
            "failures": [{"run": j.cfg.name, "method": j.method, "shots": j.shots, "seed": j.seed,
                          "error": failed[j.cfg.name]} for j in all_jobs if j.cfg.name in failed],
-           "seconds": round(time.perf_counter() - t0, 1),
+           "seconds": round(time.perf_counter() - t0, 1), "executor": executor, "jobs": jobs,
            "config": json.loads(json.dumps(study.model_dump(mode="json")))}
     atomic_write_json(folder / "compare.json", out)
     table = markdown(rows, diffs, title)

@@ -82,7 +82,7 @@ def test_bad_images_name_the_file(tmp_path: Path, png) -> None:
     (tmp_path / "a" / "trunc.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "a" / "zero.png").write_bytes(b"")
     (tmp_path / "a" / "junk.png").write_bytes(b"this is not an image at all")
-    for name, msg in [("trunc.png", "cannot decode image .*trunc.png"), ("zero.png", r"empty \(0 bytes\): .*zero.png"),
+    for name, msg in [("trunc.png", "cannot decode image .*trunc.png"), ("zero.png", r"zero.png: empty file \(0 bytes\)"),
                       ("junk.png", "cannot decode image .*junk.png")]:
         with pytest.raises(UserError, match=msg):
             decode_file(str(tmp_path / "a" / name))
@@ -99,24 +99,30 @@ def test_bad_images_name_the_file(tmp_path: Path, png) -> None:
     assert sum(map(len, (b.train, b.val, b.test))) == 9
 
 
-def test_verification_is_remembered_per_size_and_mtime(tmp_path: Path, png, monkeypatch) -> None:
+def test_verification_is_remembered_per_content_hash(tmp_path: Path, png, monkeypatch) -> None:
+    import os
+
     import graftkd.data.datasets as ds
 
     paths = [str(png(tmp_path / f"{i}.png", seed=i)) for i in range(5)]
     calls: list[str] = []
-    real = ds.verify_file
-    monkeypatch.setattr(ds, "verify_file", lambda p: calls.append(p) or real(p))
+    real = ds._Worker.verify
+    monkeypatch.setattr(ds._Worker, "verify", lambda self, p, m: calls.append(p) or real(self, p, m))
     memo = tmp_path / "memo.json"
     first = verify_images(paths, memo)
     assert sorted(calls) == sorted(paths) and first[paths[0]] == (40, 32)
     calls.clear()
     assert verify_images(paths, memo) == first and calls == []  # a rescan decodes nothing
-    data = Path(paths[2]).read_bytes()
-    Path(paths[2]).write_bytes(data[: len(data) // 2])  # changed size (and mtime): decoded again
+    data = bytearray(Path(paths[2]).read_bytes())
+    st = os.stat(paths[2])
+    data[len(data) // 2] ^= 0xFF  # damaged in place: same size, same mtime, other content
+    Path(paths[2]).write_bytes(bytes(data))
+    os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns))
     again = verify_images(paths, memo)
-    assert calls == [paths[2]] and isinstance(again[paths[2]], str)
+    assert calls == [paths[2]] and isinstance(again[paths[2]], str) and "CRC" in again[paths[2]]
     calls.clear()
     assert verify_images(paths, memo)[paths[2]] == again[paths[2]] and calls == []  # bad results remembered too
+    assert verify_images(paths, memo, max_pixels=40 * 32 - 1)[paths[0]].startswith("40 x 32 = 1280 pixels is over")
     memo.write_text("{not json")
     assert verify_images(paths, memo) == again  # a broken memo only costs time
 
@@ -154,3 +160,33 @@ def test_build_few_shot_only_train(synth_tree: Path) -> None:
     assert len(b.val) + len(b.test) == 64 and b.info["fewshot"]["per_class"] == {"benign": 3, "malignant": 3}
     assert b.info["counts"]["train"]["images"] == 6 and b.info["split_seed"] == 0
     assert set(b.info["groups"]["train"]).isdisjoint(b.info["groups"]["test"])
+
+
+def test_a_file_changed_in_place_never_serves_its_old_pixels_from_the_mmap_cache(tmp_path: Path) -> None:
+    """Same size, same mtime, other pixels: the scan memo and the mmap cache are keyed by content."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    def save(path: Path, seed: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr = np.random.default_rng(seed).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(path, compress_level=0)  # stored, not compressed: the size depends on 20x20 only
+
+    for c in ("a", "b"):
+        for i in range(4):
+            save(tmp_path / "d" / c / f"{i}.png", seed=10 * (c == "b") + i)
+    cfg = DataConfig(source="folder", root=tmp_path / "d", image_size=16, decoded_cache="mmap", augment="none",
+                     split=SplitConfig(train=0.5, val=0.25, test=0.25))
+    first = build_data(cfg, 0, None, work_dir=tmp_path / "w")
+    target = Path(first.train.records[0].path)
+    old = [first.train.base(i).clone() for i in range(len(first.train))]
+    st = os.stat(target)
+    save(target, seed=99)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(target).st_size == st.st_size
+    again = build_data(cfg, 0, None, work_dir=tmp_path / "w")
+    fresh = build_data(cfg.model_copy(update={"decoded_cache": "none"}), 0, None, work_dir=tmp_path / "w2")
+    assert torch.equal(again.train.base(0), fresh.train.base(0)) and not torch.equal(again.train.base(0), old[0])
+    assert all(torch.equal(again.train.base(i), old[i]) for i in range(1, len(old)))

@@ -67,3 +67,19 @@ def alphanet_adaptive_grad(p, s, T, a_min, a_max, clip):
     lo = alphanet_rows(p, q, a_min, clip)[0]
     hi = alphanet_rows(p, q, a_max, clip)[0]
     return np.where((lo > hi)[:, None], alphanet_grad(p, s, T, a_min, clip), alphanet_grad(p, s, T, a_max, clip))
+
+
+def zscore_vjp(v, g, eps=1e-7):
+    """d/dv of sum_i g_i Z(v)_i per row, Z(v) = (v - mean) / (std + eps), std unbiased, written out:
+    (g - mean(g)) / d - (sum_i g_i c_i) c / ((C - 1) std d^2), c = v - mean, d = std + eps."""
+    n = v.shape[1]
+    c = v - v.mean(axis=1, keepdims=True)
+    std = np.sqrt((c**2).sum(axis=1, keepdims=True) / (n - 1))
+    d = std + eps
+    return (g - g.mean(axis=1, keepdims=True)) / d - (g * c).sum(axis=1, keepdims=True) * c / ((n - 1) * std * d**2)
+
+
+def teacher_side_grad(p_student, z, T, a, clip):
+    """d/dz of ATF's teacher term T^2 D_a(p_S || softmax(Z(z) / T)) per row (AlphaNet's gradient in
+    the standardised logits, through Z)."""
+    return T**2 * zscore_vjp(z, alphanet_grad(p_student, zscore(z), T, a, clip))

@@ -37,6 +37,7 @@ from .reference import (
     alphanet_grad,
     kl_rows,
     softmax,
+    teacher_side_grad,
     zscore,
 )
 
@@ -270,6 +271,22 @@ def test_adaptive_alpha_gradient_is_alphanets_at_default_clip():
     kw = dict(zip(("alpha_min", "alpha_max", "iw_clip"), args[1:]))
     g2 = _grad(lambda pp, ss: divergence("adaptive_alpha", pp, ss, 2.0, **kw), p, s)
     close(g2, 4.0 * alphanet_adaptive_grad(p, s, *args), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("a", [0.5, 1.0, -1.0])
+@pytest.mark.parametrize("scale", [1.0, 1e-2])
+def test_teacher_side_gradient_of_standardised_alpha_matches_float64_reference(a, scale):
+    """ATF's teacher term T^2 D_a(stopgrad(p_S) || softmax(Z(z)/T)): its gradient in the teacher's
+    logits z equals the float64 chain through Z (AlphaNet's gradient in Z(z) times Z's Jacobian).
+    Z is scale-invariant, so the gradient scales as 1/scale: a teacher whose logits flatten by 100x
+    gets a 100x larger push (what makes a collapsing teacher's steps explode)."""
+    T, clip = 2.0, DivergenceConfig().iw_clip
+    p_s = softmax(zscore(S) / T)
+    z = T_LOGITS * scale
+    g = _grad(lambda p, v: divergence("alpha", p, v, T, standardize=True, alpha=a, iw_clip=clip), p_s, z)
+    close(g, teacher_side_grad(p_s, z, T, a, clip), rtol=1e-4, atol=1e-6 / scale)
+    assert np.abs(g).max() > 0.05 / scale
+    close(g * scale, teacher_side_grad(p_s, T_LOGITS, T, a, clip), rtol=1e-3, atol=1e-6)
 
 
 def test_alpha_gradient_with_zero_target_probabilities_is_finite():

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.toy import ToyNet, ToyViews
+from tests.engine.toy import ToyNet, ToyViews
 from graftkd.config import TeacherConfig, load_config
 from graftkd.data.types import DataBundle
 from graftkd.engine.trainer import Trainer
@@ -393,3 +393,80 @@ def test_guard_every_checks_after_every_n_teacher_updates(tmp_path, monkeypatch)
 def test_guard_every_needs_a_guard(tmp_path):
     with pytest.raises(UserError, match="method.guard_every is set but method.guard is not"):
         make_cfg(tmp_path, "method.guard_every=5")
+
+
+def test_collapse_check_stops_a_teacher_whose_training_accuracy_collapses(tmp_path, caplog):
+    """On by default: every collapse_window updates the teachers' training accuracy on their update
+    batches is compared with their validation accuracy before training; a drop of more than
+    collapse_drop stops the teacher and rolls it back to its pretrained weights (one log line, and
+    metrics.json says so). The toy teacher is at chance on its batches; claiming 100% before
+    training makes that a collapse."""
+    cfg = make_cfg(tmp_path, "method.collapse_window=2", "method.lr_ratio=1")
+    method = make_method(cfg)
+    theta0 = teacher_state(method)
+    method.val_acc0.fill_(1.0)
+    with caplog.at_level("WARNING", logger="graftkd.methods.atf"):
+        fit(cfg, method)
+    # updates on every step from step 0; the first window closes on step 1 (its two updates were
+    # counted before step 1's own update), so the teacher moved once and is put back
+    assert method.stopped.tolist() == [True] and method.stopped_at.tolist() == [1]
+    assert all(torch.equal(v, method.end_state["teachers"][0][k]) for k, v in theta0.items())
+    [line] = [r.getMessage() for r in caplog.records if "stopped adapting" in r.getMessage()]
+    assert line.startswith("atf: teacher 0 (toy) stopped adapting at step 1: collapse check: its training "
+                           "accuracy over the last 16 samples was ")
+    assert line.endswith("below 0.750 (validation accuracy before training 1.000 - collapse_drop 0.25); "
+                         "rolled back to its pretrained weights")
+    row = method.final_metrics(lambda fn, split: {})["atf"]["teachers"][0]
+    assert row["weights"] == "rolled back at step 1" and row["relative_weight_change"] == 0.0
+    assert row["stop"]["stopped"] and row["stop"]["stopped_at_step"] == 1
+    # switched off, the same teacher keeps adapting
+    off = make_cfg(tmp_path / "off", "method.collapse_window=2", "method.lr_ratio=1", "method.collapse_drop=null")
+    kept = make_method(off)
+    kept.val_acc0.fill_(1.0)
+    fit(off, kept)
+    assert not kept.stopped.any() and kept.best_states is None
+    assert not torch.equal(kept.end_state["teachers"][0]["fc.weight"], theta0["fc.weight"])
+
+
+def test_collapse_check_stops_a_teacher_with_non_finite_logits_at_once(tmp_path):
+    """A teacher whose logits are not finite is rolled back before the step uses them: the step's
+    losses stay finite (the trainer would stop the run on a non-finite loss)."""
+    method = make_method(make_cfg(tmp_path)).train()
+    theta0 = teacher_state(method)
+    with torch.no_grad():
+        method.teachers[0].model.fc.weight[0, 0] = math.nan
+    out = method.training_step(batch(), ctx(step=3))
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert method.stopped.tolist() == [True] and method.stopped_at.tolist() == [3]
+    assert all(torch.equal(v, teacher_state(method)[k]) for k, v in theta0.items())
+    assert method.stop_reason[0] == ("collapse check: its logits were not finite; rolled back to its "
+                                     "pretrained weights")
+
+
+def test_the_report_measures_the_teacher_it_had_at_the_end(tmp_path):
+    """The trainer ends by restoring best.pt (the student's best validation), teacher included; the
+    report is measured on the weights the teacher had after the last step, and on the selected
+    checkpoint's teacher separately."""
+    method = make_method(make_cfg(tmp_path, "method.collapse_drop=null")).eval()
+    teacher, anchor = method.teachers[0].model, method.anchors[0]
+    selected = teacher_state(method)
+    norm0 = math.sqrt(sum(float(b.double().square().sum()) for b in anchor.buffers()))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.5)
+        teacher.fc.weight.neg_()  # and the classifier flipped: other predictions
+        teacher.fc.bias.neg_()
+        moved = (method.teachers[0](VAL.x).argmax(1) == VAL.y).float().mean().item()
+    change = math.sqrt(sum(float((p.detach().double() - b.double()).square().sum())
+                           for p, b in zip(teacher.parameters(), anchor.buffers()))) / norm0
+    method._step = 11
+    method.after_validation()  # the last validation, after the last step
+    teacher.load_state_dict(selected)  # what restoring best.pt does
+    row = method.final_metrics(lambda fn, split: {})["atf"]["teachers"][0]
+    assert row["weights"] == "end of training (after step 12)"
+    assert change > 0.5 and row["relative_weight_change"] == pytest.approx(change, rel=1e-5)
+    assert row["val_acc_after"] == pytest.approx(moved)
+    assert row["val_acc_after"] != row["val_acc_before"]
+    assert row["selected_checkpoint"]["relative_weight_change"] == 0.0
+    assert row["selected_checkpoint"]["val_acc_after"] == pytest.approx(row["val_acc_before"])
+    assert all(torch.equal(v, teacher_state(method)[k]) for k, v in selected.items())  # put back

@@ -36,10 +36,24 @@ def test_list_models_marks_ours():
     assert names[:3] == ["vgg13", "vgg16", "vgg16_graft"]
     assert "timm:vgg13" in names and "vgg11_bn" in names
     assert [n for n in names if n in MODELS] == ["vgg13", "vgg16", "vgg16_graft"]
-    table = format_model_table("resnet8*").splitlines()
+    table = format_model_table("resnet8*", params=True).splitlines()
     assert table[0].split() == ["name", "source", "params@10"]
     assert table[1].split() == ["resnet8", "ours", "0.08M"]
+    assert format_model_table("resnet8*").splitlines()[1].split() == ["resnet8", "ours"]  # no build without --params
     assert "no model matches" in format_model_table("zzz*")
+
+
+def test_the_stored_model_index_is_the_live_registries_and_the_cli_lists_from_it(capsys):
+    """`graftkd models` lists from models/index.json (no torch, no timm import): it must be current
+    (`python -m graftkd.models.factory` rewrites it) and print what the live registries would."""
+    from graftkd.cli import main
+    from graftkd.commands import _stored_model_index
+    from graftkd.models.factory import model_index
+
+    assert _stored_model_index() == model_index()
+    for pattern in ("vgg1*", "resnet8*", "zzz*"):
+        assert main(["models", pattern]) == 0
+        assert capsys.readouterr().out.strip() == format_model_table(pattern)
 
 
 def _saved(tmp_path, name="resnet8", num_classes=3, **kw):

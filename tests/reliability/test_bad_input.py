@@ -126,9 +126,9 @@ def test_foreign_checkpoint_on_resume(capsys, tmp_path, tree):
     assert train(capsys, tmp_path, tree, "trainer.epochs=1")[0] == 0
     last = tmp_path / "runs" / "experiment" / "checkpoints" / "last.pt"
     torch.save({"state_dict": {}}, last)
-    assert_one_line_error(*train(capsys, tmp_path, tree, "--resume"), str(last), "not a graftkd checkpoint")
+    assert_one_line_error(*train(capsys, tmp_path, tree, "trainer.epochs=1", "--resume"), str(last), "not a graftkd checkpoint")
     last.write_bytes(b"PK\x03\x04 truncated")
-    assert_one_line_error(*train(capsys, tmp_path, tree, "--resume"), str(last), "cannot load checkpoint")
+    assert_one_line_error(*train(capsys, tmp_path, tree, "trainer.epochs=1", "--resume"), str(last), "cannot load checkpoint")
 
 
 # ------------------------------------------------------------------------------------ debug

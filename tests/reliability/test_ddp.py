@@ -13,7 +13,7 @@ from graftkd.files import load_checkpoint, save_checkpoint
 from graftkd.engine.trainer import Trainer
 from graftkd.errors import UserError
 from graftkd.methods.supervised import Supervised
-from engine.toy import ToyNet, ToyViews
+from tests.engine.toy import ToyNet, ToyViews
 
 from .cachebuild import build_all
 from .procs import TOYTRAIN, check, final_weights, launch_ranks, run_toy
@@ -93,3 +93,24 @@ def test_soft_target_cache_build_is_split_across_ranks(tmp_path):
             assert torch.equal(held["values"], cache.values), name
             assert (held["indices"] is None) == (cache.indices is None)
             assert cache.indices is None or torch.equal(held["indices"], cache.indices), name
+
+
+@pytest.mark.parametrize("claim", [None, 1.0])
+def test_atf_ranks_end_with_identical_teachers_and_stop_decisions(tmp_path, claim):
+    """2 gloo ranks, ATF with teacher_bn=train (per-rank batch statistics), the guard every 2 teacher
+    updates and the collapse check: every decision that changes the teacher (stop, roll-back) is taken
+    once for all ranks, so both end with the same teacher, bit for bit. ``claim`` 1.0 (a pretrained
+    accuracy the toy teacher does not have) makes the checks fire mid-run."""
+    run = tmp_path / "atf"
+    run.mkdir()
+    args = [str(run)] + ([] if claim is None else ["--claim", str(claim)])
+    out = launch_ranks(Path(__file__).with_name("atftrain.py"), args)
+    assert [c for c, _ in out] == [0, 0], out
+    r0, r1 = (torch.load(run / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["end"]["stopped"] == r1["end"]["stopped"] and r0["stopped_at"] == r1["stopped_at"]
+    assert r0["end"]["reason"] == r1["end"]["reason"]
+    assert any(r0["end"]["stopped"]) or claim is None
+    for key, value in r0["end"]["teachers"][0].items():
+        assert torch.equal(value, r1["end"]["teachers"][0][key]), key
+    for key, value in r0["restored"].items():
+        assert torch.equal(value, r1["restored"][key]), key

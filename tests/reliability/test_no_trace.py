@@ -25,6 +25,7 @@ from typing import Callable
 import pytest
 
 from graftkd.cli import main
+from graftkd.files import MARK, mark_folder
 
 from .procs import env
 from .test_bad_input import TINY, teacher_file, write_png
@@ -343,6 +344,7 @@ def test_overwrite_replaces_the_run_only_once_the_new_one_has_a_checkpoint(ctx: 
     # a replacement killed before its first checkpoint: the next start restores the old run
     shutil.copytree(src, experiment.aside_path(out / "k"))
     (out / "k").mkdir()
+    mark_folder(out / "k", "run")  # the first thing a start writes
     (out / "k" / "config.yaml").write_text("half-made\n")
     capsys.readouterr()
     assert main(run_args(ctx, "output.name=k", f"output.dir={out}", "trainer.epoch=1")) == 2
@@ -417,7 +419,7 @@ def test_sigterm_while_starting_puts_the_old_run_back(tmp_path):
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as ex:
         with RunStart(run, resume=False, active=True):
-            assert aside_path(run).is_dir() and not any(run.iterdir())
+            assert aside_path(run).is_dir() and [p.name for p in run.iterdir()] == [MARK]
             (run / "config.yaml").write_text("new run\n")
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # interrupted by the handler

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine.toy import ToyNet, ToyViews  # noqa: E402
+from tests.engine.toy import ToyNet, ToyViews  # noqa: E402
 
 import graftkd.files as gio  # noqa: E402
 from graftkd.config import ExperimentConfig, load_config  # noqa: E402

@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from graftkd.data.pixels import IMAGE_SUFFIXES
 from graftkd.data.types import Record
 from graftkd.errors import UserError
 
@@ -35,7 +36,6 @@ BINARY_CLASSES = ["benign", "malignant"]
 SUBTYPE_CLASSES = [name for name, _ in SUBTYPES.values()]
 CLASS_CODE = {"B": "benign", "M": "malignant"}
 MAGNIFICATIONS = (40, 100, 200, 400)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 _CODES = "|".join(sorted(SUBTYPES, key=len, reverse=True))
 FILE_RE = re.compile(

@@ -14,6 +14,7 @@ from graftkd.config import DataConfig
 from graftkd.data.breakhis import read_breakhis
 from graftkd.data.cifar import read_cifar
 from graftkd.data.datasets import ArrayDataset, FileDataset, base_image, verify_images
+from graftkd.data.pixels import IMAGE_SUFFIXES
 from graftkd.data.sources import read_csv_manifest, read_folder
 from graftkd.data.splits import SPLITS, _read_csv, assign_splits, check_class_coverage, record_key, write_splits
 from graftkd.data.stain import fit_normalizer, reference_images
@@ -120,6 +121,17 @@ def given_shots(records: Sequence[Record], assign: Sequence[str], cfg: DataConfi
     return chosen, source
 
 
+def check_labelled_classes(train: Sequence[Record], in_train: Sequence[int], classes: list[str], what: str) -> None:
+    """A few-shot set that leaves a class of the training split without labelled images is an error
+    naming the class (as a split that leaves a class out is)."""
+    have = {r.label for r in train}
+    left = [classes[c] for c in in_train if c not in have]
+    if left:
+        raise UserError(f"{what} has no labelled training image of class {left[0]!r}"
+                        + (f" (nor of {', '.join(map(repr, left[1:]))})" if len(left) > 1 else "")
+                        + "; every class needs at least one")
+
+
 def shot_report(train: Sequence[Record], classes: list[str], root: Path | None, how: dict) -> dict:
     """``info["fewshot"]``: shots per class (and the common count, when every class has it) and the
     training images themselves, as splits.csv ids."""
@@ -153,6 +165,7 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
     info: dict = {"source": cfg.source}
     array = None
     sizes: dict[str, tuple[int, int]] = {}
+    content_keys: dict[str, str] = {}
     root: Path | None = Path(cfg.root) if cfg.root is not None else None
     if cfg.source in ("breakhis", "synthetic"):
         if cfg.source == "synthetic":
@@ -173,9 +186,10 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
         records, classes, report = read_csv_manifest(root, cfg.on_bad_file)  # type: ignore[arg-type]
         root = root.parent if root is not None else None
     info.update(report)
-    if array is None:  # every file fully decoded once (remembered per size and mtime): the sizes the cache needs
+    if array is None:  # every file fully decoded once in worker processes (remembered per content hash)
         memo = work / ".cache" / "verified" / f"{hashlib.sha1(str(Path(root or '.').resolve()).encode()).hexdigest()[:16]}.json"
-        checked = verify_images([r.path for r in records], memo)  # type: ignore[misc]
+        checked = verify_images([r.path for r in records], memo, max_pixels=cfg.max_pixels,  # type: ignore[misc]
+                                digests_out=content_keys)
         bad = [f"{p}: {v}" for p, v in checked.items() if isinstance(v, str)]
         if bad and cfg.on_bad_file == "error":
             raise UserError(f"cannot decode image {bad[0]} (set data.on_bad_file=skip to leave such files out"
@@ -202,8 +216,10 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
     if not parts["train"]:
         raise UserError(f"the split left no training images ({len(records)} images, {split_desc})")
     train_split = parts["train"]
+    in_train = sorted({r.label for r in parts["train"]})
     if cfg.shots_file is not None or cfg.shots_column is not None:
         parts["train"], given = given_shots(records, assign, cfg, root)
+        check_labelled_classes(parts["train"], in_train, classes, f"the given labelled set ({given})")
         shot_info = shot_report(parts["train"], classes, root, {"given": given})
         if cfg.shots is not None and any(n != cfg.shots for n in shot_info["per_class"].values()):
             raise UserError(f"data.shots = {cfg.shots}, but the given labelled set ({given}) has "
@@ -212,6 +228,7 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
         # the split is fixed by data.split.seed; the shots drawn from it vary with the experiment seed
         keep, drawn = few_shot(parts["train"], cfg.shots, cfg.max_per_group, seed)
         parts["train"] = [parts["train"][i] for i in keep]
+        check_labelled_classes(parts["train"], in_train, classes, "the drawn few-shot set")
         shot_info = {}
         if drawn:
             shot_info = shot_report(parts["train"], classes, root, {
@@ -227,7 +244,7 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
             raise UserError(f"data.stain_norm needs images read from files, not data.source={cfg.source}")
         sn = cfg.stain_norm
         refs, fitted_on = reference_images(sn.reference, [r.path for r in train_split], sn.sample, sn.seed,  # type: ignore[misc]
-                                           lambda p: base_image(p, side))
+                                           lambda p: base_image(p, side, cfg.max_pixels))
         if root is not None:
             fitted_on["images"] = [record_key(Record(p, 0, ""), root) for p in fitted_on.get("images", [])]
         stain = fit_normalizer(sn.method, refs, fitted_on)
@@ -237,7 +254,8 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
         if array is not None:
             return ArrayDataset(recs, augment, ev, data_seed, array)
         return FileDataset(recs, augment, ev, data_seed, side, sizes=[sizes[r.path] for r in recs],  # type: ignore[index]
-                           cache=cfg.decoded_cache, cache_dir=work / ".cache" / "decoded", stain=stain)
+                           cache=cfg.decoded_cache, cache_dir=work / ".cache" / "decoded", stain=stain,
+                           max_pixels=cfg.max_pixels, content_keys=content_keys)
 
     datasets = {name: dataset(recs, aug if name == "train" else None, seed) for name, recs in parts.items()}
     unlabeled = None
@@ -256,9 +274,6 @@ def build_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, work_
         info["groups"] = {s: sorted({r.group for r in parts[s]}) for s in SPLITS}
     return DataBundle(datasets["train"], datasets["val"], datasets["test"], classes, mean, std, cfg.image_size, info,
                       splits_writer, unlabeled=unlabeled, stain=stain)
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def unlabeled_pool(cfg: DataConfig, train_split: list[Record], parts: dict[str, list[Record]], root: Path | None,
@@ -308,7 +323,8 @@ def unlabeled_pool(cfg: DataConfig, train_split: list[Record], parts: dict[str, 
         else:
             pool.append(Record(f, -1, g, {}))
     memo = work / ".cache" / "verified" / f"{hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:16]}.json"
-    checked = verify_images([r.path for r in pool if r.path not in sizes], memo)  # type: ignore[misc]
+    checked = verify_images([r.path for r in pool if r.path not in sizes], memo,  # type: ignore[misc]
+                            max_pixels=cfg.max_pixels)
     bad = [f"{p}: {v}" for p, v in checked.items() if isinstance(v, str)]
     if bad and cfg.on_bad_file == "error":
         raise UserError(f"data.unlabeled: cannot decode image {bad[0]} (set data.on_bad_file=skip to leave such files "

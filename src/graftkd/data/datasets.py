@@ -10,122 +10,46 @@ import abc
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
+from graftkd.data import pixels
+from graftkd.data.pixels import DEFAULT_MAX_PIXELS, Refused, decode_bytes
+from graftkd.data.verify import _Worker, content_hash, verify_images  # noqa: F401  (re-exported)
 from graftkd.data.transforms import mix_seed
 from graftkd.data.types import Record
 from graftkd.files import atomic_write_json
 from graftkd.errors import UserError
 
 CACHE_VERSION = 1
-VERIFY_VERSION = 1
 
 
-def decode_file(path: str) -> torch.Tensor:
-    """Decode an image file to uint8 RGB CxHxW; torchvision first, PIL for formats it cannot read.
+def decode_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decode an image file to uint8 RGB CxHxW by the rule of ``graftkd.data.pixels`` (PIL only).
 
-    Raises UserError naming the file when it is empty, truncated or not an image.
+    Raises UserError naming the file when it is empty, damaged, over the pixel budget or not an
+    image. Files reach this only after ``verify_images`` decoded them in a worker process.
     """
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise UserError(f"cannot read image {path}: {e.strerror or e}") from None
-    if not data:
-        raise UserError(f"image file is empty (0 bytes): {path}")
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as tv_error:
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"cannot decode image {path}: {reason} (corrupt or truncated?)") from None
-        if arr.size == 0:
-            raise UserError(f"cannot decode image {path}: {str(tv_error).splitlines()[0][:120]}") from None
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        arr = decode_bytes(data, max_pixels)
+    except Refused as e:
+        raise UserError(f"cannot decode image {path}: {e}") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def _reason(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def verify_file(path: str) -> tuple[int, int] | str:
-    """(width, height) of a **fully decoded** image, or the reason it cannot be decoded.
-
-    PIL decodes (it releases the GIL, so threads run in parallel); what PIL cannot read is tried with
-    ``decode_file``, the loader's own decoder, so a file passes exactly when training can load it.
-    """
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        with Image.open(path) as im:
-            im.load()
-            w, h = im.size
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        try:
-            img = decode_file(path)
-        except UserError:
-            return _reason(e).replace(f" '{path}'", "").replace(f" {path}", "")  # the path is named by the caller
-        w, h = img.shape[2], img.shape[1]
-    return (w, h) if w > 0 and h > 0 else "image has zero size"
-
-
-def _stat_or_none(path: str) -> list[int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
-def verify_images(paths: Sequence[str], memo: Path | None = None,
-                  workers: int | None = None) -> dict[str, tuple[int, int] | str]:
-    """Fully decode every file, in parallel threads: ``{path: (width, height) or reason}``.
-
-    ``memo`` (a JSON file) remembers each result with the file's size and modification time, so a
-    rescan only decodes new or changed files. The memo is a cache: failing to read or write it only
-    costs time.
-    """
-    known: dict[str, list] = {}
-    if memo is not None and memo.is_file():
-        try:
-            data = json.loads(memo.read_text())
-            known = data["files"] if data.get("version") == VERIFY_VERSION else {}
-        except (OSError, ValueError, KeyError, TypeError):
-            known = {}
-    out: dict[str, tuple[int, int] | str] = {}
-    todo: list[tuple[str, list[int]]] = []
-    for p in paths:
-        st = _stat_or_none(p)
-        if st is None:
-            out[p] = "cannot read the file (missing or no permission)"
-            continue
-        entry = known.get(p)
-        if entry is not None and entry[:2] == st:
-            out[p] = tuple(entry[2]) if isinstance(entry[2], list) else entry[2]  # type: ignore[assignment]
-        else:
-            todo.append((p, st))
-    if todo:
-        n = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=max(1, n)) as pool:
-            for (p, st), result in zip(todo, pool.map(verify_file, [p for p, _ in todo])):
-                out[p] = result
-                known[p] = [*st, list(result) if isinstance(result, tuple) else result]
-        if memo is not None:
-            try:
-                atomic_write_json(memo, {"version": VERIFY_VERSION, "files": known})
-            except UserError:
-                pass
-    return out
+def verify_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | str:
+    """(width, height) of a **fully decoded** image, or the reason it cannot be decoded (in this
+    process: ``verify_images`` runs the same check in worker processes)."""
+    result = pixels.verify(path, max_pixels)
+    return result if isinstance(result, str) else (result[0], result[1])
 
 
 def base_shape(width: int, height: int, side: int) -> tuple[int, int]:
@@ -159,19 +83,23 @@ class DecodedCache:
         if cache_dir is None:
             raise ValueError("mmap cache needs a folder")
         key = hashlib.sha1(json.dumps([CACHE_VERSION, key_parts, self.shapes]).encode()).hexdigest()[:16]
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        data_path, flag_path = cache_dir / f"decoded-{key}.u8", cache_dir / f"decoded-{key}.flags"
-        fresh = not (data_path.exists() and flag_path.exists()
-                     and data_path.stat().st_size == total and flag_path.stat().st_size == len(self.shapes))
-        if fresh:
-            for p, n in ((data_path, total), (flag_path, len(self.shapes))):
-                with open(p, "wb") as f:
-                    f.truncate(n)
-            atomic_write_json(cache_dir / f"decoded-{key}.json",
-                              {"version": CACHE_VERSION, "items": len(self.shapes), "bytes": total,
-                               "first": str(key_parts[0][0]) if key_parts else None})
-        self.data = np.memmap(data_path, dtype=np.uint8, mode="r+", shape=(total,))
-        self.filled = np.memmap(flag_path, dtype=np.uint8, mode="r+", shape=(len(self.shapes),))
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            data_path, flag_path = cache_dir / f"decoded-{key}.u8", cache_dir / f"decoded-{key}.flags"
+            fresh = not (data_path.exists() and flag_path.exists()
+                         and data_path.stat().st_size == total and flag_path.stat().st_size == len(self.shapes))
+            if fresh:
+                for p, n in ((data_path, total), (flag_path, len(self.shapes))):
+                    with open(p, "wb") as f:
+                        f.truncate(n)
+                atomic_write_json(cache_dir / f"decoded-{key}.json",
+                                  {"version": CACHE_VERSION, "items": len(self.shapes), "bytes": total,
+                                   "first": str(key_parts[0][0]) if key_parts else None})
+            self.data = np.memmap(data_path, dtype=np.uint8, mode="r+", shape=(total,))
+            self.filled = np.memmap(flag_path, dtype=np.uint8, mode="r+", shape=(len(self.shapes),))
+        except OSError as e:
+            raise UserError(f"cannot write the decoded-image cache in {cache_dir}: {e.strerror or e} "
+                            f"(set data.decoded_cache=memory or none)") from None
         self.location = data_path
 
     def get(self, i: int) -> torch.Tensor | None:
@@ -261,9 +189,9 @@ class ConcatViews(torch.utils.data.Dataset):
         return a.load_view(j, view) if j < len(a) else b.load_view(j - len(a), view)
 
 
-def base_image(path: str, side: int) -> torch.Tensor:
+def base_image(path: str, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """The decoded file resized to the base image (short side ``side``, never enlarged)."""
-    img = decode_file(path)
+    img = decode_file(path, max_pixels)
     h, w = base_shape(img.shape[2], img.shape[1], side)
     if (h, w) != tuple(img.shape[1:]):
         img = F.resize(img, [h, w], antialias=True)
@@ -276,16 +204,20 @@ class FileDataset(ViewDatasetBase):
 
     def __init__(self, records: Sequence[Record], augment: Callable | None, eval_tf: Callable, seed: int,
                  side: int, sizes: Sequence[tuple[int, int]] | None = None, cache: str = "none",
-                 cache_dir: Path | None = None, stain: Any = None) -> None:
+                 cache_dir: Path | None = None, stain: Any = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 content_keys: dict[str, str] | None = None) -> None:
         super().__init__(records, augment, eval_tf, seed)
-        self.side = side
+        self.side, self.max_pixels = side, max_pixels
         self.stain = stain
         self.cache: DecodedCache | None = None
         if cache != "none" and self.records:
             if sizes is None:
-                sizes = [_verified_or_raise(r.path) for r in self.records]
+                sizes = [_verified_or_raise(r.path, max_pixels) for r in self.records]
             shapes = [base_shape(w, h, side) for w, h in sizes]
-            key_parts = [[r.path, *_stat(r.path)] for r in self.records] + [side]
+            # the mmap cache is keyed by each file's content hash when the scan gave it (size and mtime
+            # otherwise): a file changed in place never serves its old pixels
+            key_parts = [[r.path, content_keys[r.path]] if content_keys and r.path in content_keys
+                         else [r.path, *_stat(r.path)] for r in self.records] + [side]
             if stain is not None:
                 key_parts.append(["stain", stain.fingerprint()])
             self.cache = DecodedCache(shapes, cache, cache_dir, key_parts)
@@ -297,7 +229,7 @@ class FileDataset(ViewDatasetBase):
                 return hit
         path = self.records[i].path
         assert path is not None
-        img = base_image(path, self.side)
+        img = base_image(path, self.side, self.max_pixels)
         h, w = img.shape[1:]
         if self.stain is not None:
             img = self.stain(img)
@@ -321,8 +253,8 @@ class ArrayDataset(ViewDatasetBase):
         return torch.from_numpy(np.ascontiguousarray(self.array[self.rows[i]])).permute(2, 0, 1).contiguous()
 
 
-def _verified_or_raise(path: str | None) -> tuple[int, int]:
-    size = verify_file(str(path))
+def _verified_or_raise(path: str | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    size = verify_images([str(path)], max_pixels=max_pixels)[str(path)]
     if isinstance(size, str):
         raise UserError(f"cannot read image {path}: {size}")
     return size

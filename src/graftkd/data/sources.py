@@ -38,6 +38,7 @@ def read_folder(root: Path, on_bad_file: str) -> tuple[list[Record], list[str], 
     if not class_dirs:
         raise UserError(f"{root} has no class folders (expected <root>/<class>/<images>)")
     classes = sorted(class_dirs)
+    check_label_spellings(classes, f"{root} (class folders)")
     records: list[Record] = []
     empty: list[str] = []
     for split, top in tops.items():
@@ -55,6 +56,18 @@ def read_folder(root: Path, on_bad_file: str) -> tuple[list[Record], list[str], 
         raise UserError(f"class folder {empty[0]} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                         "remove it or set data.on_bad_file=skip to keep an empty class")
     return records, classes, {"empty_classes": missing, "predefined_split": tops.keys() != {None}}
+
+
+def check_label_spellings(labels: list[str], where: str) -> None:
+    """Two labels that differ only in case or surrounding spaces are one class spelt twice: an
+    error naming both spellings (not two classes)."""
+    spelt: dict[str, str] = {}
+    for lab in dict.fromkeys(labels):
+        key = lab.strip().casefold()
+        if key in spelt and spelt[key] != lab:
+            raise UserError(f"{where}: labels {spelt[key]!r} and {lab!r} differ only in case or spaces; "
+                            f"spell each class one way")
+        spelt.setdefault(key, lab)
 
 
 CSV_COLUMNS = ("path", "label", "group", "split")
@@ -77,6 +90,7 @@ def read_csv_manifest(path: Path, on_bad_file: str) -> tuple[list[Record], list[
     for i, lab in enumerate(labels, start=2):
         if not lab:
             raise UserError(f"{path}, line {i}: empty label")
+    check_label_spellings(labels, str(path))
     numeric = all(lab.lstrip("-").isdigit() for lab in labels)
     if numeric:
         ints = [int(lab) for lab in labels]
@@ -90,6 +104,7 @@ def read_csv_manifest(path: Path, on_bad_file: str) -> tuple[list[Record], list[
         index = {c: i for i, c in enumerate(classes)}
     records: list[Record] = []
     missing: list[str] = []
+    seen: dict[str, tuple[int, str]] = {}
     for i, r in enumerate(rows, start=2):
         if not r["path"]:
             raise UserError(f"{path}, line {i}: empty path")
@@ -107,6 +122,13 @@ def read_csv_manifest(path: Path, on_bad_file: str) -> tuple[list[Record], list[
         if r.get("centre"):
             meta["centre"] = r["centre"]  # split.kind = centre
         group = r.get("group") or str(file)
+        if str(file) in seen and seen[str(file)][1] != r["label"]:
+            first, label = seen[str(file)]
+            raise UserError(f"{path}, lines {first} and {i}: image {file} is listed under two labels "
+                            f"({label!r} and {r['label']!r}); give each image one label")
+        if str(file) in seen:
+            raise UserError(f"{path}, lines {seen[str(file)][0]} and {i}: image {file} is listed twice")
+        seen[str(file)] = (i, r["label"])
         records.append(Record(str(file), index[r["label"]], group, meta))
     if not records:
         raise UserError(f"{path}: none of the listed images exist")

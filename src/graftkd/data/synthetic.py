@@ -232,6 +232,8 @@ def generate_tree(out: Path, cfg: SyntheticConfig) -> dict:
     SOB_<B|M>_<code>-14-<id>-<mag>-<seq>.png``. Patients are assigned to the 8 subtypes round-robin.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; choose a new folder for the synthetic tree")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose a new folder for the synthetic tree")
     out.parent.mkdir(parents=True, exist_ok=True)

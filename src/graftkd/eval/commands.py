@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from graftkd.errors import UserError
+from graftkd.errors import UserError, positive_int
 
 
 # ----------------------------------------------------------------------------------- evaluate
@@ -18,7 +18,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", nargs="+", choices=("val", "test"), default=["test"], help="split(s) to score")
     p.add_argument("--latency", action="store_true",
                    help="also profile params/MACs/size/CPU latency of the student, each teacher and the ensemble")
-    p.add_argument("--repeats", type=int, default=20, help="latency: timed repeats per batch size")
+    p.add_argument("--repeats", type=positive_int, default=20, help="latency: timed repeats per batch size")
     p.add_argument("--out", type=Path, help="metrics JSON for a model file (default: <model>_metrics.json)")
 
 
@@ -65,7 +65,13 @@ def evaluate(target: Path, config: Path | None = None, overrides: list[str] | tu
     device = resolve_device(cfg.trainer.device)
     model = model.to(device).eval()
     metrics_path = target / "metrics.json" if is_run else (out or model_path.with_name(f"{model_path.stem}_metrics.json"))
+    other = is_run and other_data_name(target, cfg)
+    if other:  # scores on other data go beside the run's own, which stay as the run was selected and reported
+        metrics_path = target / "evaluations" / other / "metrics.json"
     metrics: dict[str, Any] = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    if other:
+        metrics.update({"run": str(target), "model": str(model_path), "seed": cfg.seed,
+                        "data": cfg.data.model_dump(mode="json")})
     for split in splits:
         result = score_split(model, getattr(data, split), cfg, device, data.classes)
         metrics[split] = {"split": split, "checkpoint": str(model_path), **result}
@@ -73,6 +79,21 @@ def evaluate(target: Path, config: Path | None = None, overrides: list[str] | tu
         metrics["latency"] = _latency_entry(cfg, model.cpu(), len(data.classes), repeats)
     atomic_write_json(metrics_path, metrics)
     return metrics_path, metrics
+
+
+def other_data_name(run: Path, cfg: Any) -> str | None:
+    """None when ``cfg`` scores the run's own data (its saved data section and seed), else the name
+    of the folder under ``RUN/evaluations/`` for this data: source and a hash of the data section."""
+    import hashlib
+
+    from graftkd.config import read_yaml
+
+    saved = read_yaml(run / "config.yaml")
+    data = cfg.data.model_dump(mode="json")
+    if isinstance(saved, dict) and saved.get("data") == data and saved.get("seed") == cfg.seed:
+        return None
+    key = hashlib.blake2b(json.dumps([data, cfg.seed], sort_keys=True).encode(), digest_size=4).hexdigest()
+    return f"{cfg.data.source}-{key}"
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -133,7 +154,7 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="average over flips and 90-degree rotations")
     p.add_argument("--manifest", type=Path, help="CSV with path,group columns giving each image's patient")
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
 
 
 def run_predict(args: argparse.Namespace) -> int:

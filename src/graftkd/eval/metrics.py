@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from graftkd.errors import UserError
 from graftkd.config import ExperimentConfig
 from graftkd.data.loaders import predict_split
 from graftkd.data.types import Record
@@ -49,6 +50,12 @@ def evaluate_predictions(logits: torch.Tensor, labels: torch.Tensor, records: Se
         raise ValueError(f"logits have {logits.shape[1]} columns but there are {len(class_names)} classes")
     logits = logits.detach().double().cpu()
     labels = labels.detach().long().cpu()
+    bad = ~torch.isfinite(logits).all(1)
+    if bad.any():  # no metric from NaN/inf outputs (a NaN logit sorts anywhere: AUC 1.5, confidence nan)
+        first = records[int(bad.nonzero()[0])]
+        raise UserError(f"the model gives non-finite outputs (NaN or inf) on {int(bad.sum())} of {len(records)} images, "
+                        f"e.g. {first.path if first.path is not None else first.meta.get('index')}; no metric is "
+                        f"computed from them")
     groups = [r.group for r in records]
     out = _split_metrics(logits, labels, groups, list(class_names), resamples, seed)
     mags = [r.meta.get("magnification") for r in records]

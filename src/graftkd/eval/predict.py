@@ -13,7 +13,7 @@ from graftkd.files import atomic_write_text
 from graftkd.errors import UserError
 from graftkd.export import Predictor
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from graftkd.data.pixels import IMAGE_SUFFIXES
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -31,27 +31,28 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
+def check_images(paths: Sequence[Path]) -> None:
+    """Fully decode every image in worker processes first (a decoder crash marks the file bad instead
+    of ending graftkd); the first bad file is a one-line error naming it."""
+    from graftkd.data.datasets import verify_images
+
+    checked = verify_images([str(p) for p in paths])
+    bad = [(p, v) for p, v in checked.items() if isinstance(v, str)]
+    if bad:
+        more = f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""
+        raise UserError(f"cannot read image {bad[0][0]}: {bad[0][1]}{more}")
+
+
 def load_image(path: Path, transform: Any, stain: Any = None, side: int | None = None) -> torch.Tensor:
-    """Decode as RGB with torchvision.io and apply the card's eval transform; UserError naming the file.
-    With ``stain`` (the card's fitted normaliser), the image is first resized to the base image
-    (short side ``side``) and normalised, as the training pipeline does."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    """Decode as RGB by training's rule (``graftkd.data.pixels``: PIL, 16-bit and float scaled) and
+    apply the card's eval transform; UserError naming the file. With ``stain`` (the card's fitted
+    normaliser), the image is first resized to the base image (short side ``side``) and normalised,
+    as the training pipeline does."""
+    from graftkd.data.datasets import base_image, decode_file
 
-    try:
-        img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"cannot read image {path}: {reason}") from None
-    if stain is not None:
-        from torchvision.transforms.v2 import functional as F
-
-        from graftkd.data.datasets import base_shape
-
-        h, w = base_shape(img.shape[2], img.shape[1], side)  # type: ignore[arg-type]
-        if (h, w) != tuple(img.shape[1:]):
-            img = F.resize(img, [h, w], antialias=True)
-        img = stain(img)
-    return transform(img)
+    if stain is None:
+        return transform(decode_file(str(path)))
+    return transform(stain(base_image(str(path), side)))  # type: ignore[arg-type]
 
 
 def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
@@ -67,6 +68,7 @@ def predict_probs(model: Predictor, card: dict[str, Any], paths: Sequence[Path],
     from graftkd.data.transforms import base_side, eval_transform
 
     transform = eval_transform(card["image_size"], tuple(card["mean"]), tuple(card["std"]))
+    check_images(paths)
     stain = StainNormalizer.from_description(card[STAIN_KEY]) if card.get(STAIN_KEY) else None
     size = card["image_size"]
     side = base_side(size if isinstance(size, int) else min(size))

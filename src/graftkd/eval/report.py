@@ -193,39 +193,81 @@ def plot_magnification(m: dict[str, Any], split: str) -> bytes:
     return _png(fig)
 
 
+def spread_labels(ys: Sequence[float], gap: float, lo: float = 0.0, hi: float = 1.0) -> list[float]:
+    """Label heights as close as can be to ``ys`` but at least ``gap`` apart, within [lo, hi] when they
+    fit (the order of ``ys`` is kept): labels placed there never overlap."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    pos = [min(max(ys[i], lo), hi) for i in order]
+    for k in range(1, len(pos)):
+        pos[k] = max(pos[k], pos[k - 1] + gap)
+    if pos and pos[-1] > hi:  # pushed past the top: push down from there
+        pos[-1] = max(hi, lo + gap * (len(pos) - 1))
+        for k in range(len(pos) - 2, -1, -1):
+            pos[k] = min(pos[k], pos[k + 1] - gap)
+    out = [0.0] * len(ys)
+    for i, p in zip(order, pos):
+        out[i] = p
+    return out
+
+
+def _accuracy_axis(ax: Any, values: list[tuple[float, float, float]], label: str) -> None:
+    """Fit the accuracy axis to (value, ci low, ci high) triples, with a margin, inside [0, 1]."""
+    lo = min(v[1] for v in values)
+    hi = max(v[2] for v in values)
+    pad = max(0.01, 0.08 * (hi - lo))
+    ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) if hi + pad <= 1.0 else 1.0 + pad / 4)
+    ax.set_ylabel(f"{label} (axis fitted to the data; bars: 95% CI)")
+
+
+def _acc_ci(m: dict[str, Any] | None, key: str = "accuracy") -> tuple[float, float, float]:
+    v = m[key]
+    ci = m.get(f"{key}_ci95") or [v, v]
+    return float(v), float(min(ci[0], v)), float(max(ci[1], v))
+
+
 def models_figure(rows: list[dict[str, Any]], split: str) -> Figure:
-    """Accuracy versus CPU latency (batch 1) of teachers, ensemble and students; bars if no latency.
-    The log axis is labelled at 1, 2 and 5 x 10^k only, in plain numbers (no crowded minor labels)."""
+    """Accuracy (with its 95% interval, on an axis fitted to the data) versus CPU latency (batch 1)
+    of teachers, ensemble and students; dots with intervals per model if no latency is known. Labels
+    sit in a column right of the plot, at least one line apart, joined to their point: they never
+    overlap. The log axis is labelled at 1, 2 and 5 x 10^k only, in plain numbers."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
     colors = {"student": "tab:green", "teacher": "tab:blue", "ensemble": "tab:red"}
     timed = [r for r in rows if _get(r["latency"], "ms_b1") is not None and _get(r[split], "accuracy") is not None]
+    scored = timed or [r for r in rows if _get(r[split], "accuracy") is not None]
+    fig = Figure(figsize=(8.5 if timed else max(6.0, 0.9 * len(scored) + 2.5), max(4.0, 0.24 * len(scored) + 1.6)))
+    ax = fig.subplots()
+    accs = [_acc_ci(r[split]) for r in scored]
+    _accuracy_axis(ax, accs, f"{split} image accuracy")
     if timed:
-        for role in dict.fromkeys(r["role"] for r in timed):
-            pts = [r for r in timed if r["role"] == role]
-            ax.scatter([r["latency"]["ms_b1"] for r in pts], [r[split]["accuracy"] for r in pts], s=60, zorder=3,
-                       color=colors.get(role, "tab:gray"), label=role)
-        for r in timed:
-            ax.annotate(f"{r['name']}", (r["latency"]["ms_b1"], r[split]["accuracy"]), textcoords="offset points",
-                        xytext=(5, 5), fontsize=8)
         xs = [r["latency"]["ms_b1"] for r in timed]
+        for role in dict.fromkeys(r["role"] for r in timed):
+            idx = [i for i, r in enumerate(timed) if r["role"] == role]
+            ax.errorbar([xs[i] for i in idx], [accs[i][0] for i in idx],
+                        yerr=[[accs[i][0] - accs[i][1] for i in idx], [accs[i][2] - accs[i][0] for i in idx]],
+                        fmt="o", ms=7, capsize=3, zorder=3, color=colors.get(role, "tab:gray"), label=role)
         ax.set_xscale("log")
         ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)  # spans > 2.5x: at least one labelled tick
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("CPU latency at batch 1 (ms, log scale)")
+        ax.set_xlabel("CPU latency at batch 1 (ms, log scale, measured interleaved)")
         ax.set_title(f"{split} accuracy versus latency")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
+        lo, hi = ax.get_ylim()
+        frac = [(a[0] - lo) / (hi - lo) for a in accs]
+        height_pt = fig.get_figheight() * 72 * 0.77
+        for r, x, y, f, pos in zip(timed, xs, [a[0] for a in accs], frac, spread_labels(frac, 11.0 / height_pt)):
+            ax.annotate(str(r["name"]), (x, y), xycoords="data", xytext=(1.03, pos), textcoords="axes fraction",
+                        fontsize=8, va="center", annotation_clip=False,
+                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6, "shrinkA": 0, "shrinkB": 4})
     else:
-        scored = [r for r in rows if _get(r[split], "accuracy") is not None]
-        ax.bar(range(len(scored)), [r[split]["accuracy"] for r in scored],
-               color=[colors.get(r["role"], "tab:gray") for r in scored])
+        for i, (r, a) in enumerate(zip(scored, accs)):
+            ax.errorbar([i], [a[0]], yerr=[[a[0] - a[1]], [a[2] - a[0]]], fmt="o", ms=7, capsize=4,
+                        color=colors.get(r["role"], "tab:gray"))
         ax.set_xticks(range(len(scored)), [r["name"] for r in scored], rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(scored) - 0.4)
         ax.set_title(f"{split} accuracy (no latency recorded: `graftkd evaluate RUN --latency`)")
-    ax.set_ylabel(f"{split} image accuracy")
     ax.grid(alpha=0.3)
     return fig
 
@@ -283,18 +325,26 @@ def compare_plots(runs: Sequence[RunData]) -> dict[str, bytes]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         plots["compare_curves"] = _png(fig)
-    keys = [("accuracy", "image accuracy"), ("balanced_accuracy", "balanced accuracy"),
-            ("patient_recognition_rate", "patient RR")]
-    fig = Figure(figsize=(max(6, 1.6 * len(runs) + 3), 3.8))
+    keys = [("accuracy", "image accuracy"), ("patient_recognition_rate", "patient RR")]
+    fig = Figure(figsize=(max(6, 1.0 * len(runs) + 3), 4.0))
     ax = fig.subplots()
-    width = 0.8 / len(keys)
+    points: list[tuple[float, float, float]] = []
     for k, (key, label) in enumerate(keys):
-        ys = [_get(r.metrics.get(_main_split(r.metrics) or "test"), key) for r in runs]
-        ax.bar([i + (k - 1) * width for i in range(len(runs))], [y if y is not None else 0.0 for y in ys],
-               width=width, label=label)
+        xs, vals = [], []
+        for i, r in enumerate(runs):
+            m = r.metrics.get(_main_split(r.metrics) or "test")
+            if _get(m, key) is not None:
+                xs.append(i + (k - 0.5) * 0.25)
+                vals.append(_acc_ci(m, key))
+        if vals:
+            ax.errorbar(xs, [v[0] for v in vals], yerr=[[v[0] - v[1] for v in vals], [v[2] - v[0] for v in vals]],
+                        fmt="o", ms=6, capsize=3, label=label)
+            points += vals
     ax.set_xticks(range(len(runs)), [r.name for r in runs], rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_title("test metrics by run")
+    ax.set_xlim(-0.6, len(runs) - 0.4)
+    if points:
+        _accuracy_axis(ax, points, "test metric")
+    ax.set_title("test metrics by run (95% CI: test images or patients resampled)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     plots["compare_metrics"] = _png(fig)

@@ -175,7 +175,18 @@ def _load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path
     extra = [k for k in state_dict if k not in own]
     if extra:
         raise UserError(f"{path}: state_dict has key '{extra[0]}' that the model does not have")
+    check_finite(state_dict, path)
     model.load_state_dict(state_dict, strict=True)
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], path: Path | str) -> None:
+    """Refuse weights with NaN or inf, naming the first such tensor: no model is built, scored,
+    exported or used as a teacher from them."""
+    for key, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            n = int((~torch.isfinite(value)).sum())
+            raise UserError(f"{path}: tensor '{key}' has {n} non-finite value(s) (NaN or inf) of {value.numel()}; "
+                            f"a model with non-finite weights is refused")
 
 
 def save_model_file(
@@ -231,17 +242,46 @@ def list_models(pattern: str = "*") -> list[str]:
     return ours + theirs
 
 
-def format_model_table(pattern: str = "*") -> str:
-    """Text table for ``graftkd models [pattern]``: name, source, params (ours, at 10 classes)."""
-    rows = [("name", "source", "params@10")]
-    for name in list_models(pattern):
-        if name in MODELS:
-            with torch.device("meta"):  # shapes only, no memory, no init cost
-                params = f"{count_params(MODELS.get(name)(num_classes=10)) / 1e6:.2f}M"
-            rows.append((name, "ours", params))
+def model_index() -> dict[str, Any]:
+    """Every model name ``graftkd models`` lists, for the installed timm: ``{"timm": version, "ours":
+    [...], "timm_models": [...]}`` (``list_models`` order). Stored as ``models/index.json`` so that
+    listing imports neither torch nor timm; ``python -m graftkd.models.factory`` rewrites it and a
+    test keeps it equal to this."""
+    import timm
+
+    ours = MODELS.names("*")
+    return {"timm": timm.__version__, "ours": ours, "timm_models": [n for n in list_models("*") if n not in ours]}
+
+
+def format_model_table(pattern: str = "*", params: bool = False, names: list[str] | None = None,
+                       ours: set[str] | None = None) -> str:
+    """Text table for ``graftkd models [pattern]``: name, source and, with ``params``, the parameter
+    count of ours at 10 classes (built on the meta device). ``names``/``ours`` skip the registry
+    lookups (the stored index)."""
+    if names is None:
+        names = list_models(pattern)
+        ours = set(MODELS.names(pattern))
+    ours = ours or set()
+    rows = [("name", "source") + (("params@10",) if params else ())]
+    for name in names:
+        if name in ours:
+            row: tuple[str, ...] = (name, "ours")
+            if params:
+                with torch.device("meta"):  # shapes only, no memory, no init cost
+                    row += (f"{count_params(MODELS.get(name)(num_classes=10)) / 1e6:.2f}M",)
         else:
-            rows.append((name, "timm", "-"))
+            row = (name, "timm") + (("-",) if params else ())
+        rows.append(row)
     if len(rows) == 1:
         return f"no model matches '{pattern}'"
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}".rstrip() for r in rows)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(f"{c:>{w}}" if i == 2 else f"{c:<{w}}" for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                     for r in rows)
+
+
+if __name__ == "__main__":  # python -m graftkd.models.factory: rewrite models/index.json
+    import json
+
+    target = Path(__file__).resolve().parent / "index.json"
+    target.write_text(json.dumps(model_index(), indent=0) + "\n")
+    print(f"wrote {target}")

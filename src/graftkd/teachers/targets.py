@@ -5,7 +5,7 @@ Also the teachers' part of ``metrics.json``: each teacher's and the fused ensemb
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -15,12 +15,17 @@ from graftkd.data.datasets import ConcatViews
 from graftkd.distributed import DistContext
 from graftkd.runtime import Inference
 from graftkd.teachers.cache import SoftTargetCache, cache_manifest
-from graftkd.teachers.ensemble import TeacherEnsemble, load_teachers
+from graftkd.teachers.ensemble import TeacherEnsemble, load_teachers, state_checksum
 
 #: data config fields that do not change any training view (loader and storage settings)
 _VIEW_NEUTRAL = ("batch_size", "eval_batch_size", "num_workers", "decoded_cache", "on_bad_file", "unlabeled_batch_size")
 
-Score = Callable[[Callable[[torch.Tensor], torch.Tensor], str], dict[str, Any]]
+class Score(Protocol):
+    """``score(fn, split, key=None)``: every metric of logits function ``fn`` on "val" or "test". A
+    ``key`` (JSON) says what ``fn`` is, content included (a frozen teacher's weight checksum): runs
+    that share the key, split and evaluation settings may share one scoring (the study's score memo)."""
+
+    def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], split: str, key: Any = None) -> dict[str, Any]: ...
 
 
 class TeacherTargets(nn.Module):
@@ -79,14 +84,19 @@ def teachers_report(ensemble: TeacherEnsemble, score: Score) -> dict[str, Any]:
 
     weights = ensemble.global_weights()
     teachers = []
+    # what each scored network is, by content (checksums of the weights now): the score memo's key
+    keys = [{"teacher": state_checksum(t.model), "mean": t.mean, "std": t.std} for t in ensemble.teachers]
+    fused = {"ensemble": keys, "strategy": ensemble.eval_strategy(), "tau": ensemble.fusion.tau,
+             "val_accuracy": [float(a) for a in ensemble.val_acc.tolist()]}
     for k, t in enumerate(ensemble.teachers):
         teachers.append({"name": t.name, "checkpoint": t.source,
                          "val_accuracy_used_for_fusion": float(ensemble.val_acc[k]),
                          "weight": weights[k] if weights is not None else None,
-                         "params": count_params(t.model), "val": score(t, "val"), "test": score(t, "test")})
+                         "params": count_params(t.model), "val": score(t, "val", keys[k]),
+                         "test": score(t, "test", keys[k])})
     return {
         "teachers": teachers,
-        "ensemble": {"fusion": ensemble.eval_strategy(), "val": score(ensemble.predict_logits, "val"),
-                     "test": score(ensemble.predict_logits, "test")},
+        "ensemble": {"fusion": ensemble.eval_strategy(), "val": score(ensemble.predict_logits, "val", fused),
+                     "test": score(ensemble.predict_logits, "test", fused)},
         "fusion": {"strategy": ensemble.fusion.strategy, "tau": ensemble.fusion.tau, "weights": weights},
     }
