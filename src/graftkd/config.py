@@ -120,7 +120,7 @@ class StainNormConfig(Strict):
 
     method: Literal["none", "macenko", "reinhard"] = Field(
         "none", description="macenko (stain vectors + 99th-percentile concentrations, Macenko 2009) or "
-                            "reinhard (LAB mean and sd per channel, Reinhard 2001), both via torchstain")
+                            "reinhard (LAB mean and sd per channel, Reinhard 2001); torchstain 1.4.1's computations")
     reference: Path | None = Field(None, description="reference image file; None: a seeded sample of the "
                                                      "training split's images")
     sample: int = Field(16, ge=1, description="reference=None: how many training images the reference is fitted on")

@@ -190,12 +190,11 @@ def run_config_file(cfg_file: str) -> str | None:
 
 def _forked_run(cfg_file: str, log_file: str, conn: Any) -> None:
     """Body of a forked worker: stdout and stderr to the run's log, the outcome down ``conn``. The
-    worker ends when the process that forked it ends (``end_with_parent``): no orphan run outlives
-    ``compare`` to race a rerun."""
+    worker ends when ``compare`` ends (``end_with_study``): no orphan run outlives it to race a rerun."""
     import os
     import traceback
 
-    end_with_parent()
+    end_with_study()
 
     fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
@@ -226,6 +225,7 @@ class WarmPool:
     def __init__(self) -> None:
         import multiprocessing as mp
 
+        os.environ[STUDY_PID_ENV] = str(os.getpid())  # the forkserver (started on first use) and its workers see it
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(self.PRELOAD)
         self.live: set[Any] = set()
@@ -263,6 +263,36 @@ def _write_job_config(job: Job, log_dir: Path) -> Path:
     cfg_file = log_dir / f"{job.cfg.name}.yaml"
     cfg_file.write_text(config_to_yaml(job.cfg))
     return cfg_file
+
+
+STUDY_PID_ENV = "GRAFTKD_STUDY_PID"
+
+
+def end_with_study(poll_s: float = 0.5) -> None:
+    """In a forked run: SIGTERM to itself once the ``compare`` process (``GRAFTKD_STUDY_PID``) is gone.
+    The worker's parent is the forkserver, which outlives ``compare`` by however long its own exit
+    takes, so its death signal (``end_with_parent``) alone is late; a watcher thread checks the study
+    process itself."""
+    import signal
+    import threading
+
+    end_with_parent()
+    pid = int(os.environ.get(STUDY_PID_ENV, "0"))
+    if pid <= 0:
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:
+                pass
+            time.sleep(poll_s)
+
+    threading.Thread(target=watch, name="graftkd-end-with-study", daemon=True).start()
 
 
 def end_with_parent() -> None:

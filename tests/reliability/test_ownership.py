@@ -254,33 +254,59 @@ def test_resume_with_a_changed_lr_is_refused_and_config_yaml_is_never_rewritten(
 
 # ---------------------------------------------------------------------------------- compare
 PARENT = """
-import subprocess, sys, time
+import os, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
-from graftkd.study import end_with_parent
+from graftkd.study import STUDY_PID_ENV, end_with_parent
+os.environ[STUDY_PID_ENV] = str(os.getpid())
+# a direct child (ends by its parent-death signal) and a grandchild under a middle process that stays
+# alive, as a forkserver does (ends by watching the study process)
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=end_with_parent)
-print(child.pid, flush=True)
+grand = "import sys, time; sys.path.insert(0, sys.argv[1]); from graftkd.study import end_with_study; " \
+        "end_with_study(0.05); print('ready', flush=True); time.sleep(60)"
+middle = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]], "
+          "stdout=subprocess.PIPE, text=True); p.stdout.readline(); print(p.pid, flush=True); time.sleep(60)")
+m = subprocess.Popen([sys.executable, "-c", middle, grand, sys.argv[1]], stdout=subprocess.PIPE, text=True)
+print(child.pid, m.stdout.readline().strip(), m.pid, flush=True)
 time.sleep(60)
 """
 
 
+def _ends_within(pid: int, seconds: float) -> bool:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                return True  # ended, not yet reaped by a parent that does not wait
+        except (OSError, IndexError):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_the_runs_compare_starts_end_when_compare_ends(tmp_path: Path) -> None:
-    """compare's run processes get SIGTERM when compare dies, even by SIGKILL (no orphans to race a rerun)."""
+    """compare's run processes get SIGTERM when compare dies, even by SIGKILL (no orphans to race a
+    rerun): a direct child by its parent-death signal, a worker forked by a forkserver (which
+    outlives compare for a while) by watching the compare process."""
     import signal
 
     src = str(Path(graftkd.methods.__file__).parents[2])
     parent = subprocess.Popen([sys.executable, "-c", PARENT, src], stdout=subprocess.PIPE, text=True, env=env())
-    child = int(parent.stdout.readline())
+    child, grandchild, middle = map(int, parent.stdout.readline().split())
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
-    for _ in range(200):
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            return
-        import time
-        time.sleep(0.05)
-    os.kill(child, signal.SIGKILL)
-    raise AssertionError("the child outlived its parent")
+    parent.stdout.close()
+    try:
+        assert _ends_within(child, 20), "the child outlived compare"
+        assert _ends_within(grandchild, 20), "the forked run outlived compare"
+        assert not _ends_within(middle, 0.1)  # the middle process was still there: the watcher ended the run
+    finally:
+        for pid in (child, grandchild, middle):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_a_second_compare_on_one_study_folder_gets_one_line(tmp_path: Path) -> None:
