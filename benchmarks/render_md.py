@@ -439,7 +439,7 @@ def section_study_overhead(d: dict[str, Any]) -> str:
     def line(e: dict[str, Any], label: str) -> list[Any]:
         load = e.get("load_average_1min") or {}
         return [label, e["revision"][:10], e["runs"], e["jobs"], e["train_seconds"], e["wall_seconds"], f"{e['ratio']:.2f}",
-                f"{load.get('min')} to {load.get('max')}"]
+                f"{load['min']:.1f} to {load['max']:.1f}" if load.get("min") is not None else "-"]
 
     rows = ([line(d["before"], "before (a process per run, every run re-scores teachers)")] if d.get("before") else [])
     rows.append(line(d, "after (warm forked workers, per-study score memo)"))
@@ -447,7 +447,10 @@ def section_study_overhead(d: dict[str, Any]) -> str:
         "## What a study costs beyond its training (issue 25)", "",
         f"Command: `{d['command']}`. A `graftkd compare` study of {d['runs']} runs on the real digits (4 methods x 5 "
         f"seeds, {d['steps']} optimiser steps, 1 thread each), nothing reused; ratio = wall x jobs / the sum of "
-        "the runs' `train_seconds`.", "",
+        "the runs' `train_seconds`. The machine was shared (the 1-minute load average on its 2 cores is given): "
+        "the seconds are long, the ratios are what compares."
+        + (f" The before measurement (a {d['before']['runs']}-run subset of the same study: `{d['before']['command']}`) "
+           "ran at the same time, on the revision before issue 25." if d.get("before") else ""), "",
         table(["", "revision", "runs", "jobs", "training s (sum)", "wall s", "ratio", "1-min load"], rows),
         "", f"Bar: ratio <= 1.25 ({'met' if d['ratio'] <= 1.25 else 'NOT met'}: {d['ratio']:.2f}).",
     ])
