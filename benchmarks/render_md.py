@@ -202,6 +202,49 @@ def section_fewshot_digits(d: dict[str, Any]) -> str:
     ])
 
 
+def graft_verdicts(d: dict[str, Any]) -> list[str]:
+    """Where grafting wins and where not, per shots setting, computed from the rows: each grafting row
+    against the best non-grafting method (margin and both sds) and its paired Δ to the baseline."""
+    diffs = {(x["method"], x["shots"]): x for x in d["differences"] if x["metric"] == "accuracy"}
+    out = []
+    for shots in sorted({r["shots"] for r in d["rows"]}, key=str):
+        r = {x["method"]: x for x in d["rows"] if x["shots"] == shots and x["mean"] is not None}
+        others = [m for m in r if not m.startswith("graft")]
+        if not others:
+            continue
+        best = max(others, key=lambda m: r[m]["mean"])
+        for g in (m for m in r if m.startswith("graft")):
+            margin = r[g]["mean"] - r[best]["mean"]
+            spread = max(r[g]["sd"], r[best]["sd"])
+            verdict = ("wins" if margin > spread else "loses" if -margin > spread else "ties (within one sd)")
+            x = diffs.get((g, shots))
+            ci = (f"; vs {d['baseline']} {100 * x['mean']:+.1f} [{100 * x['ci95'][0]:+.1f}, {100 * x['ci95'][1]:+.1f}]"
+                  if x else "")
+            out.append(f"- {shots} shots: {g} {pct(r[g]['mean'], r[g]['sd'])} {verdict} against the best other method, "
+                       f"{best} {pct(r[best]['mean'], r[best]['sd'])} ({100 * margin:+.1f} points{ci}).")
+    steps = {str(x["steps"]) for x in d["rows"]}
+    out.append(f"- every row has the same steps ({', '.join(sorted(steps))}): {'yes' if len(steps) == 1 else 'NO'}.")
+    return out
+
+
+def section_fewshot_families(d: dict[str, Any]) -> str:
+    return "\n".join([
+        "## Few-shot distillation across network families (issue 22)", "",
+        "scikit-learn's handwritten digits (`benchmarks/digits_data.py`) read at 64 px; timm teachers resnet10t "
+        "and efficientnet_b0 trained here from random init on the whole train split; timm student "
+        "mobilenetv3_small_100 (a third family) on N labelled images per class drawn with each seed "
+        "(`benchmarks/studies/fewshot_families.yaml`). kd uses the best teacher on validation (resnet10t), mt_kd "
+        "the mean of both; fitnet a regressor per teacher at the third shared boundary; mir mimics the best "
+        "teacher's pooled features (MobileNetV3's head is not pool -> Linear) and uses its classifier; fskd is "
+        "kd followed by 1x1 alignment to the best teacher; grafting grafts the student's units (its stem "
+        "included) into the best teacher it can (resnet10t; the stem boundary keeps a 1x1 junction, so the "
+        "export is `graft:mobilenetv3_small_100`). The presets are the methods' defaults, not tuned on "
+        "this data. " + study_caption(d), "",
+        study_table(d), "", "Where grafting wins and where not (computed from these rows):", "",
+        *graft_verdicts(d),
+    ])
+
+
 def section_fewshot(d: Any) -> str:
     if isinstance(d, list):  # older layout: a list of rows
         d = {"rows": [{**r, "values": r.get("values", [])} for r in d], "differences": [], "baseline": "-",
@@ -643,6 +686,7 @@ SECTIONS: list[tuple[str, Callable[[Any], str]]] = [
     ("stain_speed", section_stain_speed),
     ("stain", section_stain),
     ("fewshot_unlabeled", section_fewshot_unlabeled),
+    ("fewshot_families", section_fewshot_families),
 ]
 
 

@@ -192,7 +192,7 @@ def adapted_parameters(model: nn.Module, adapt: str, label: str = "teacher") -> 
                         f"use adapt=all") from None
     modules = [m for _, m in view.named_head()]
     if adapt == "last_stage":
-        modules.insert(0, view.stage_module(view.n_stages - 1))
+        modules[:0] = view.stage_modules(view.n_stages - 1)
     return [p for m in modules for p in m.parameters()]
 
 
