@@ -549,11 +549,12 @@ def section_stain(d: dict[str, Any]) -> str:
 
 
 def section_fewshot_unlabeled(d: dict[str, Any]) -> str:
+    ub = d.get("config", {}).get("data", {}).get("unlabeled_batch_size", "?")
     out = ["## The unlabelled rest of the training split as a transfer set (issue 24)", "",
            "Real digits (`benchmarks/studies/fewshot_unlabeled_digits.yaml`): teachers resnet20 and resnet8x4 "
            "trained on the whole train split, student resnet8 on N labelled images per class; each method with "
            "and without `data.unlabeled: train_rest` (the other training images, their labels never read; every "
-           "step adds 32 unlabelled images to the labelled batch, CE on the labelled ones only). The gap is the best teacher's "
+           f"step adds {ub} unlabelled images to the labelled batch, CE on the labelled ones only). The gap is the best teacher's "
            "test accuracy minus the student's mean (smaller is closer to the teachers). Synthetic histology was "
            "not run: the session's CPU budget covered one data set fully.", ""]
     for shots in d["shots"]:
