@@ -617,8 +617,11 @@ def section_stain(d: dict[str, Any]) -> str:
         "centres 0 and 1, test on centre 2, which no run sees before its test. Variants: `none` (the "
         "`histology` preset), `jitter` (`histology_stain`: HED jitter, scale 0.05 and shift 0.05, Tellez et "
         "al.'s light setting), `macenko` (Macenko normalisation fitted to 16 training images, applied at "
-        "decode), `both`. Each variant trains a resnet20 teacher on the whole training split and a resnet8 KD "
-        "student of that variant's seed-0 teacher. Mean ± sd over seeds on the unseen centre:", "",
+        "decode), `both`. Each variant trains a resnet20 teacher on the whole training split"
+        + (" and a resnet8 KD student of that variant's seed-0 teacher" if any(f"kd_{v}" in r for v in variants) else
+           "; the study's resnet8 KD students of each variant's seed-0 teacher were not run (the session's shared "
+           "CPU did not leave the time), so their columns are empty")
+        + ". Mean ± sd over seeds on the unseen centre:", "",
         summary, "",
         f"Checks: {len(variants)} variants; every row has {', '.join(map(str, sorted(per_row)))} per-seed values; "
         f"every run {', '.join(sorted(steps))} optimiser steps.", "",
@@ -629,13 +632,16 @@ def section_stain(d: dict[str, Any]) -> str:
 
 
 def section_fewshot_unlabeled(d: dict[str, Any]) -> str:
+    ub = d.get("config", {}).get("data", {}).get("unlabeled_batch_size", "?")
     out = ["## The unlabelled rest of the training split as a transfer set (issue 24)", "",
            "Real digits (`benchmarks/studies/fewshot_unlabeled_digits.yaml`): teachers resnet20 and resnet8x4 "
            "trained on the whole train split, student resnet8 on N labelled images per class; each method with "
            "and without `data.unlabeled: train_rest` (the other training images, their labels never read; every "
-           "step adds 32 unlabelled images to the labelled batch, CE on the labelled ones only). The gap is the best teacher's "
+           f"step adds {ub} unlabelled images to the labelled batch, CE on the labelled ones only). The gap is the best teacher's "
            "test accuracy minus the student's mean (smaller is closer to the teachers). Synthetic histology was "
-           "not run: the session's CPU budget covered one data set fully.", ""]
+           "not run: the session's CPU budget covered one data set fully"
+           + ("" if len(d["shots"]) > 1 else f", and only {d['shots'][0]} labelled images per class of the study's "
+              "5 and 10 (the shared CPU)") + ".", ""]
     for shots in d["shots"]:
         r = _rows(d, shots)
         teachers = [x for name, x in r.items() if name.startswith("teacher_")]
