@@ -333,7 +333,11 @@ def section_vs_torchdistill(d: dict[str, Any]) -> str:
         "", f"Targets: graftkd live at least as fast, like for like in fp32 "
             f"({'met' if d['ratio_fp32'] >= 1 else 'NOT met'}: {d['ratio_fp32']:.2f}x; with its best settings "
             f"{d['ratio_live']:.2f}x), cached at least 2x ({'met' if d['ratio_cached'] >= 2 else 'NOT met'}). "
-            "Each ratio is the median of per-round ratios.",
+            "Each ratio is the median of per-round ratios"
+            + (" (fp32 per round: " + ", ".join(f"{g / t:.2f}" for g, t in zip(c["img_s_per_round"]["gk_fp32"],
+                                                                                c["img_s_per_round"]["td_fp32"]))
+               + f"; 1-minute load average {c['load_average_1min']['min']:.1f} to {c['load_average_1min']['max']:.1f} "
+                 "on the 2 cores)" if "gk_fp32" in c.get("img_s_per_round", {}) else "") + ".",
     ])
 
 
