@@ -4,7 +4,7 @@ of its runs' ``train_seconds``.
     python benchmarks/study_overhead.py [--root runs/digits] [--jobs 2] [--label after] [overrides ...]
 
 Prepares the digits and their two teachers (``digits_data``), runs the study
-``benchmarks/studies/study_overhead.yaml`` (4 methods x 5 seeds = 20 runs of 200 steps, 1 thread
+``benchmarks/studies/study_overhead.yaml`` (4 methods x 5 seeds = 20 runs of 100 steps, 1 thread
 each) from scratch (its folder is emptied first: nothing reused) and writes
 ``benchmarks/results/study_overhead.json``: ``runs``, ``train_seconds`` (the sum of every run's
 ``metrics.json`` ``train_seconds``), ``wall_seconds`` (the whole ``compare`` call: runs, statistics,

@@ -120,7 +120,7 @@ class StainNormConfig(Strict):
 
     method: Literal["none", "macenko", "reinhard"] = Field(
         "none", description="macenko (stain vectors + 99th-percentile concentrations, Macenko 2009) or "
-                            "reinhard (LAB mean and sd per channel, Reinhard 2001), both via torchstain")
+                            "reinhard (LAB mean and sd per channel, Reinhard 2001); torchstain 1.4.1's computations")
     reference: Path | None = Field(None, description="reference image file; None: a seeded sample of the "
                                                      "training split's images")
     sample: int = Field(16, ge=1, description="reference=None: how many training images the reference is fitted on")
@@ -186,7 +186,9 @@ class DataConfig(Strict):
 # --------------------------------------------------------------------------------------- models
 class ModelConfig(Strict):
     name: str = "resnet8"
-    pretrained: bool = False
+    pretrained: bool | Path = Field(False, description="true: timm's hub weights; a path: a weights file on disk "
+                                                        "(.safetensors or a torch state dict) for this architecture, "
+                                                        "loaded through timm's pretrained_cfg_overlay (no hub)")
     checkpoint: Path | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the constructor")
 

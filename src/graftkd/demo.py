@@ -182,9 +182,11 @@ def run_demo(quick: bool = False, data_root: str | None = None, out: str | Path 
     for name, rs in runs.items():  # each student run's metrics.json, as `graftkd evaluate --latency` writes it
         chosen = [t["name"] for t in yaml.safe_load((rs[0] / "config.yaml").read_text()).get("teachers", [])]
         arch_of = {v["arch"]: t for t, v in teachers.items()}
-        entry = {"student": prof[f"student {name}"],
-                 "teachers": [{"name": a, **prof[f"teacher {arch_of[a]}"]} for a in chosen if a in arch_of],
-                 "ensemble": prof["teacher ensemble"]}
+        entry: dict[str, Any] = {"student": prof[f"student {name}"]}
+        if chosen:  # the run's own teachers; its ensemble is all of them (one teacher: that teacher)
+            entry["teachers"] = [{"name": a, **prof[f"teacher {arch_of[a]}"]} for a in chosen]
+            if len(chosen) in (1, len(teachers)):
+                entry["ensemble"] = prof["teacher ensemble" if len(chosen) > 1 else f"teacher {arch_of[chosen[0]]}"]
         for run in rs:
             m = read_metrics(run)
             m["latency"] = entry

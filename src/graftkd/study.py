@@ -219,15 +219,32 @@ class WarmPool:
     only: the study records it as failed and goes on. Children still running when the pool closes
     (the study interrupted) are terminated."""
 
-    PRELOAD = ["graftkd.experiment", "graftkd.methods", "graftkd.models", "graftkd.teachers.targets",
-               "graftkd.eval.metrics", "timm", "torchvision"]
+    #: modules a run needs besides graftkd's own; graftkd's are all preloaded (``preload``)
+    PRELOAD = ["timm", "torchvision"]
+    #: graftkd modules a run never imports (the commands, the HTML report)
+    SKIP = ("graftkd.cli", "graftkd.__main__", "graftkd.commands", "graftkd.demo", "graftkd.study",
+            "graftkd.eval.report")
+
+    @classmethod
+    def preload(cls) -> list[str]:
+        """Every graftkd module a run may import, so the workers run the code of the study's start
+        (a source file edited while the study runs does not mix into its runs), then timm and
+        torchvision."""
+        pkg = Path(__file__).resolve().parent
+        mods = []
+        for f in sorted(pkg.rglob("*.py")):
+            parts = f.relative_to(pkg.parent).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            if not name.endswith(".commands") and not any(name == s or name.startswith(s + ".") for s in cls.SKIP):
+                mods.append(name)
+        return mods + cls.PRELOAD
 
     def __init__(self) -> None:
         import multiprocessing as mp
 
         os.environ[STUDY_PID_ENV] = str(os.getpid())  # the forkserver (started on first use) and its workers see it
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload(self.PRELOAD)
+        self.ctx.set_forkserver_preload(self.preload())
         self.live: set[Any] = set()
 
     def run(self, cfg_file: Path, log_file: Path, target: Any = None) -> str | None:

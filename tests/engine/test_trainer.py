@@ -174,7 +174,8 @@ def test_lr_schedule_shapes():
     ("auto", True, [], "bf16"),
     ("auto", False, [], "fp32"),
     ("auto", True, ["method={name: kd, standardize: true}"], "fp32"),  # Z() of tied bf16 logits
-    ("auto", True, ["method={name: atf}"], "fp32"),  # ATF standardises by default
+    ("auto", True, ["method={name: atf, standardize: true}"], "fp32"),  # ATF standardising (CIFAR-100 preset)
+    ("auto", True, ["method={name: atf}"], "bf16"),  # ATF at its defaults (kd student loss) does not
     ("fp32", True, [], "fp32"),
     ("bf16", False, ["method={name: atf}"], "bf16"),  # asked for: honoured
 ])
@@ -236,3 +237,41 @@ def test_resume_is_exact_with_a_step_budget_and_step_evaluation(tmp_path):
         assert torch.equal(a, b), k
     assert (r1.best_step, r1.best_metric, r1.steps) == (r2.best_step, r2.best_metric, 20)
     assert [row["step"] for row in r2.history] == [6, 12, 18, 20]
+
+
+class WithUnlabeled(Supervised):
+    """CE on the labelled images plus the entropy of every prediction (a label-free term)."""
+
+    def uses_unlabeled(self) -> bool:
+        return True
+
+    def training_step(self, batch, ctx):
+        from graftkd.methods.base import labelled_ce
+
+        logits = self.model(batch["image"])
+        p = logits.softmax(1)
+        entropy = -(p * p.clamp_min(1e-8).log()).sum(1).mean()
+        assert batch["label"][batch["labeled"]].ge(0).all() and batch["label"][~batch["labeled"]].eq(-1).all()
+        return {"loss": labelled_ce(logits, batch["label"]) + 0.1 * entropy, "n_unlabeled": (~batch["labeled"]).sum().float()}
+
+
+def test_unlabelled_images_join_every_step_and_resume_exactly(tmp_path):
+    def run(cfg, resume=False, trainer_cls=Trainer):
+        torch.manual_seed(123)
+        method = WithUnlabeled(cfg, ToyNet())
+        result = trainer_cls(cfg, cfg.run_dir).fit(method, ToyViews(), ToyViews(16, seed=1, augment=False),
+                                                   resume=resume, unlabeled=ToyViews(20, seed=2))
+        return method, result
+
+    extra = ("data.unlabeled_batch_size=6",)
+    straight, r1 = run(make_cfg(tmp_path / "a", *extra))
+    assert all(row["train_n_unlabeled"] == 6 for row in r1.history)
+    cfg = make_cfg(tmp_path / "b", *extra)
+    with pytest.raises(SystemExit):
+        run(cfg, trainer_cls=CrashAfter)
+    resumed, _ = run(cfg, resume=True)
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(UserError, match="has no teacher-driven term"):
+        Trainer(cfg, tmp_path / "c").fit(Supervised(cfg, ToyNet()), ToyViews(), ToyViews(16, seed=1),
+                                         unlabeled=ToyViews(20, seed=2))

@@ -30,3 +30,22 @@ def test_ensemble_is_the_networks_run_together() -> None:
     assert count_macs([a, b], 4) == 2 * (1728 + 128)
     shared = profile_model([a, a], 4, batch_sizes=(1,), repeats=1, warmup=0)
     assert shared["params"] == 242  # a shared network counted once
+
+
+def test_interleaved_profile_times_every_network_in_every_round_and_speedups_are_per_round_ratios(monkeypatch) -> None:
+    import graftkd.eval.latency as lat
+
+    a, b = _conv().train(), _conv().eval()
+    calls: list[int] = []
+    clock = iter(range(10_000))
+    monkeypatch.setattr(lat.time, "perf_counter", lambda: float(next(clock)))  # every forward "takes" 1 s
+    real = lat._forward_all
+    monkeypatch.setattr(lat, "_forward_all", lambda models, x: (calls.append(len(models)), real(models, x))[1])
+    prof = lat.profile_interleaved({"a": a, "b": b, "ens": [a, b]}, 4, batch_sizes=(1, 8), repeats=3, warmup=1,
+                                   reference="ens")
+    rounds = [1, 1, 2] + [1, 2, 1] + [2, 1, 1] + [1, 1, 2]  # a b ens | b ens a | ens a b | a b ens
+    assert calls == [1, 1, 2] + rounds * 2  # MACs once, then per batch size each network once a round, rotating
+    for name in ("a", "b", "ens"):
+        assert prof[name]["ms_b1"] == prof[name]["ms_b8"] == 1000.0 and prof[name]["measured"] == "interleaved"
+        assert prof[name]["speedup_b8"] == 1.0 and prof[name]["speedup_reference"] == "ens"
+    assert (prof["ens"]["params"], prof["a"]["params"]) == (484, 242) and a.training and not b.training

@@ -5,6 +5,9 @@ import base64
 import re
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from graftkd.cli import main
 from graftkd.eval.report import load_run, model_rows, write_report
 
@@ -81,3 +84,18 @@ def test_comparison_latency_plot_shows_teachers_ensemble_and_students_with_uncla
         boxes = sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
         assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
         assert len(ax.collections) == 3  # one scatter per role: student, teacher, ensemble
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=30), st.floats(0.01, 0.08))
+def test_spread_labels_keeps_order_and_a_gap_and_stays_inside_when_they_fit(ys, gap):
+    from graftkd.eval.report import spread_labels
+
+    pos = spread_labels(ys, gap)
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    placed = [pos[i] for i in order]
+    assert all(b - a >= gap - 1e-9 for a, b in zip(placed, placed[1:]))  # labels a line apart: no overlap
+    if gap * (len(ys) - 1) <= 1.0:
+        assert all(-1e-9 <= p <= 1.0 + 1e-9 for p in pos)
+    else:
+        assert placed[-1] <= max(1.0, gap * (len(ys) - 1)) + 1e-9

@@ -100,9 +100,10 @@ class UnlabeledStream:
 
 
 def join_batches(labelled: dict[str, Any], unlabelled: dict[str, Any]) -> dict[str, Any]:
-    """One training batch: the labelled images first, then the unlabelled ones (label -1);
-    ``labeled`` marks which are which."""
-    out = {k: torch.cat([labelled[k], unlabelled[k]]) for k in ("image", "label", "index", "view")}
+    """One training batch: the labelled images first, then the unlabelled ones, whose label is -1
+    whatever their dataset holds (no label leaks); ``labeled`` marks which are which."""
+    out = {k: torch.cat([labelled[k], unlabelled[k]]) for k in ("image", "index", "view")}
+    out["label"] = torch.cat([labelled["label"], torch.full_like(unlabelled["label"], -1)])
     out["labeled"] = torch.cat([torch.ones(len(labelled["label"]), dtype=torch.bool),
                                 torch.zeros(len(unlabelled["label"]), dtype=torch.bool)])
     return out

@@ -443,7 +443,7 @@ def render_run(run: RunData, plots: dict[str, bytes]) -> str:
     if len(rows) > 1 or rows[0]["latency"]:
         parts.append("<h2>Teachers, ensemble and student</h2>")
         header = ["model", "role", "val acc", "test acc", "test patient RR", "params", "MMACs", "size MB",
-                  "ms @ b1", "ms @ b64"]
+                  "ms @ b1", "ms @ b64", "speed-up vs ensemble @ b64"]
         body = []
         for r in rows:
             lat = r["latency"] or {}
@@ -451,8 +451,12 @@ def render_run(run: RunData, plots: dict[str, bytes]) -> str:
                          _fmt(_get(r["test"], "accuracy")), _fmt(_get(r["test"], "patient_recognition_rate")),
                          _fmt(lat.get("params")), _fmt(lat["macs"] / 1e6 if "macs" in lat else None),
                          _fmt(lat["size_bytes"] / 1e6 if "size_bytes" in lat else None),
-                         _fmt(lat.get("ms_b1")), _fmt(lat.get("ms_b64"))])
+                         _fmt(lat.get("ms_b1")), _fmt(lat.get("ms_b64")),
+                         f"{lat['speedup_b64']:.1f}x" if lat.get("speedup_b64") is not None else "-"])
         parts.append(_table(header, body))
+        if any((r["latency"] or {}).get("measured") == "interleaved" for r in rows):
+            parts.append('<p class="muted">Latency: the networks measured interleaved (rotating order within '
+                         'each round, median over rounds); a speed-up is the median of per-round ratios.</p>')
         if "models" in plots:
             parts.append(_img(plots["models"], "accuracy versus latency"))
     return _page(f"graftkd report: {run.name}", parts)
