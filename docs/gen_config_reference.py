@@ -32,7 +32,7 @@ BEGIN = "<!-- BEGIN GENERATED CONFIG REFERENCE (docs/gen_config_reference.py) --
 END = "<!-- END GENERATED CONFIG REFERENCE -->"
 
 #: the order of the method tables (the default first); methods not listed follow alphabetically
-METHOD_ORDER = ["supervised", "kd", "dkd", "dml", "atf", "graft"]
+METHOD_ORDER = ["supervised", "kd", "dkd", "dml", "atf", "graft", "fitnet", "at", "mir", "fskd"]
 
 #: meanings of fields that have no ``description`` in config.py (dotted keys; method keys as
 #: ``method.<field>`` for the method whose ``name`` is given in brackets).
@@ -58,14 +58,11 @@ FALLBACK: dict[str, str] = {
     "data.synthetic.magnifications": "magnifications to render",
     "data.synthetic.seed": "generator seed",
     "model.name": "student architecture: one of ours (`graftkd models`) or any timm name (`timm:` forces timm)",
-    "model.pretrained": "timm ImageNet weights (our CIFAR models have none)",
     "model.checkpoint": "a graftkd model file (or run folder) to start from; arch and class count must match",
     "teachers[i].name": "teacher architecture; checked against the model file's arch when given explicitly",
-    "teachers[i].pretrained": "use timm's pretrained weights (only when the head already has the data's classes)",
     "teachers[i].checkpoint": "a graftkd model file (`graftkd train` output, run/model.pt)",
     "teachers[i].std": "input normalisation std; null: from the checkpoint or the data",
     "method.peers[i].name": "peer architecture",
-    "method.peers[i].pretrained": "timm ImageNet weights for this peer",
     "method.peers[i].checkpoint": "a graftkd model file to initialise this peer from",
     "optimizer.name": "sgd, adam or adamw",
     "optimizer.lr": "base learning rate (per optimiser; teachers in atf use lr_ratio x this)",
@@ -92,6 +89,10 @@ FALLBACK: dict[str, str] = {
     "method.name[atf]": "method selector",
     "method.mode[atf]": "atf, or a comparison mode: offline, offline_joint, online (docs/methods/atf.md)",
     "method.name[graft]": "method selector",
+    "method.name[fitnet]": "method selector",
+    "method.name[at]": "method selector",
+    "method.name[mir]": "method selector",
+    "method.name[fskd]": "method selector",
     "method.divergence.kind": "kl, alpha (AlphaNet) or alpha_beta (ABKD)",
     "method.divergence.alpha": "alpha of kind=alpha (fixed) and kind=alpha_beta",
     "method.divergence.beta": "beta of kind=alpha_beta",

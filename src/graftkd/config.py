@@ -186,7 +186,9 @@ class DataConfig(Strict):
 # --------------------------------------------------------------------------------------- models
 class ModelConfig(Strict):
     name: str = "resnet8"
-    pretrained: bool = False
+    pretrained: bool | Path = Field(False, description="true: timm's hub weights; a path: a weights file on disk "
+                                                        "(.safetensors or a torch state dict) for this architecture, "
+                                                        "loaded through timm's pretrained_cfg_overlay (no hub)")
     checkpoint: Path | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the constructor")
 

@@ -51,8 +51,8 @@ def step(method: Graft, x: torch.Tensor, y: torch.Tensor, phase_index: int = 0) 
 def test_identical_student_makes_every_hybrid_equal_the_host():
     m = make("resnet8", "resnet8")
     randomise(m.H.model)
-    m._copy_stem_region(), m._init_from_host()
-    assert not m.t2s and not m.s2t and m.copied == len(m.net.state_dict()) - len(m.net.conv1.state_dict()) - 5
+    m._init_from_host()
+    assert not m.t2s and not m.s2t and m.copied == len(m.net.state_dict())
     m.eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -72,22 +72,22 @@ def test_phases_units_lrs_and_nshot_rule():
     m = make("wrn_16_2", "wrn_40_1", shots=5)
     ph = m.phases()
     assert [(p.name, p.epochs, p.batch_size, p.select_best) for p in ph] == [
-        ("stage1_block1", 100, 32, False), ("stage1_block2", 60, 32, False),
+        ("stage1_stem", 100, 32, False), ("stage1_block1", 60, 32, False), ("stage1_block2", 60, 32, False),
         ("stage1_block3", 60, 32, False), ("stage1_head", 60, 32, False),
-        ("stage2_to_block2", 100, 32, False), ("stage2_to_block3", 100, 32, False),
+        ("stage2_to_block1", 100, 32, False), ("stage2_to_block2", 100, 32, False), ("stage2_to_block3", 100, 32, False),
         ("stage2_to_head", 100, 32, True)]
-    s1, s2 = ph[1].optimizers[0], ph[-1].optimizers[0]
+    s1, s2 = ph[2].optimizers[0], ph[-1].optimizers[0]
     assert s1.optimizer.name == "adam" and s1.optimizer.lr == pytest.approx(2.5e-4 * 0.5)
     assert s1.params[1]["lr_scale"] == pytest.approx(10.0)  # bridge lr 2.5e-3 x 0.5
     assert s2.optimizer.lr == pytest.approx(1e-4) and s2.params[1]["lr_scale"] == pytest.approx(1.0)
-    assert {k: [c.in_channels, c.out_channels] for k, c in m.t2s.items()} == {"1": [32, 16], "2": [64, 32], "3": [128, 64]}
-    assert {k: [c.in_channels, c.out_channels] for k, c in m.s2t.items()} == {"0": [16, 32], "1": [32, 64], "2": [64, 128]}
+    assert {k: [c.in_channels, c.out_channels] for k, c in m.t2s.items()} == {"2": [32, 16], "3": [64, 32], "4": [128, 64]}
+    assert {k: [c.in_channels, c.out_channels] for k, c in m.s2t.items()} == {"1": [16, 32], "2": [32, 64], "3": [64, 128]}
 
 
-@pytest.mark.parametrize("phase_index,trained", [(1, {"net.block2", "t2s.1", "s2t.1"}),
-                                                 (3, {"net.bn1", "net.fc", "t2s.3"}),
-                                                 (5, {"net.block1", "net.block2", "net.block3", "t2s.1", "t2s.2",
-                                                      "s2t.0", "s2t.1", "s2t.2"})])
+@pytest.mark.parametrize("phase_index,trained", [(0, {"net.conv1"}), (2, {"net.block2", "t2s.2", "s2t.2"}),
+                                                 (4, {"net.bn1", "net.fc", "t2s.4"}),
+                                                 (6, {"net.conv1", "net.block1", "net.block2", "t2s.2",
+                                                      "s2t.1", "s2t.2"})])
 def test_phase_trains_only_its_units(phase_index, trained):
     m = make("wrn_16_2", "wrn_40_1")
     phase = m.phases()[phase_index]
@@ -178,19 +178,21 @@ def test_cache_needs_a_phase_that_reads_fused_probabilities():
 
 
 @pytest.mark.parametrize("host,student,size,shared,arch,junctions", [
-    ("vgg16", "vgg16_graft", 32, 3, "graft:vgg16_graft", [3]),
-    ("wrn_16_2", "wrn_40_1", 16, 0, "graft:wrn_40_1", [0, 1, 2]),
+    ("vgg16", "vgg16_graft", 32, 3, "vgg16_graft", []),  # VGG blocks start with a conv: folded into it
+    ("wrn_16_2", "wrn_40_1", 16, 0, "graft:wrn_40_1", [1, 2, 3]),  # pre-activation blocks: junctions
+    ("resnet8x4", "resnet8", 16, 0, "graft:resnet8", [0]),  # identity shortcut after the stem
 ])
 def test_folded_student_equals_hybrid_chain(host, student, size, shared, arch, junctions):
-    m = make(host, student, size=size, shared_stages=shared).double()
-    for u in range(m.n_units):
+    m = make(host, student, size=size, shared_units=shared).double()
+    for u in range(m.k, m.n_units):
         for module in m.unit_modules(u) + m.unit_bridges(u):
             randomise(module)
     m.start_phase(m.phases()[-1])
     m.eval()
     folded = m.student()
-    assert m.student_arch() == arch and isinstance(folded, GraftedStudent) and m.junction_stages == junctions
-    for slot, conv in folded.junctions.items():  # slots the host did not need stay the identity
+    assert m.student_arch() == arch and isinstance(folded, GraftedStudent) == bool(junctions)
+    assert m.junction_boundaries == junctions
+    for slot, conv in getattr(folded, "junctions", {}).items():  # slots the host did not need stay the identity
         eye = torch.eye(conv.in_channels).view_as(conv.weight)
         assert (int(slot) not in junctions) == (torch.equal(conv.weight, eye) and not conv.bias.any()), slot
     assert not any(mod is b for mod in folded.modules() for b in list(m.t2s.values()) + list(m.s2t.values()))
@@ -204,17 +206,17 @@ def test_folded_student_equals_hybrid_chain(host, student, size, shared, arch, j
     bridges = sum(p.numel() for d in (m.t2s, m.s2t) for p in d.parameters())
     assert counts["teacher"] == sum(p.numel() for p in m.H.model.parameters())
     assert counts["hybrid"] == sum(p.numel() for p in m.net.parameters()) + bridges
-    if host == "vgg16":  # NetGraft: 5,412,682 + the 256x256 junction + identity slots after blocks 0-2
+    if host == "vgg16":  # NetGraft: 5,412,682 parameters, every bridge folded away
         assert counts["teacher"] == 14_983_498 - 10 * 513 + 3 * 513
-        assert counts["student"] == 5_412_682 - 7 * 513 + 256 * 257 + 64 * 65 + 128 * 129 + 256 * 257
+        assert counts["student"] == 5_412_682 - 7 * 513
 
 
 def test_refusals():
     with pytest.raises(UserError, match="'conv1' must have the same tensors in both: 'conv1.weight' is "
                                         r"\(32, 3, 3, 3\) in host teacher 0 \(t0\) and \(16, 3, 3, 3\)"):
-        make("resnet8x4", "resnet8")
-    with pytest.raises(UserError, match="shared_stages = 4 but the host has only 3 stages"):
-        make("resnet8", "resnet20", shared_stages=4)
+        make("resnet8x4", "resnet8", shared_units=1)
+    with pytest.raises(UserError, match=r"shared_units = 5 but grafting .* has only 5 units \(stem, layer1"):
+        make("resnet8", "resnet20", shared_units=5)
     h = MODELS.get("resnet8")(num_classes=3)
     t = TeacherTargets(TeacherEnsemble([Teacher(h, "t", "x", (0.1,) * 3, (0.2,) * 3, *STATS)], FusionConfig(),
                                        torch.tensor([1.0])), 4.0, False)
@@ -244,29 +246,31 @@ def test_end_to_end_graft_run_on_synthetic(tmp_path):
     metrics = read_metrics(run)
     assert metrics["student"] == "resnet8" and metrics["data"]["fewshot"]["shots"] == 2
     assert metrics["selection"]["phase"] == "stage2_to_head"
-    assert metrics["graft"]["units"] == ["layer1", "layer2", "layer3", "head"] and metrics["graft"]["batch_size"] == 1
+    assert metrics["graft"]["units"] == ["stem", "layer1", "layer2", "layer3", "head"]
+    assert metrics["graft"]["batch_size"] == 1
     assert metrics["params"]["student"] == sum(p.numel() for p in MODELS.get("resnet8")(num_classes=2).parameters())
     model, meta = load_model_file(run / "model.pt")
     assert meta["arch"] == "resnet8" and type(model).__name__ == "CifarResNet"
-    # one budget in optimiser steps, shared out over the 7 phases (stage 1: round(9 * 0.5) = 4 -> 1 each)
+    # one budget in optimiser steps, shared out over the 9 phases (stage 1: round(11 * 0.5) = 6)
     method = {"name": "graft", "target": "fused", "fused_loss": "nlmse", "stage1_share": 0.5}
     steps = validate_config({**common, "name": "s", "model": {"name": "resnet8"}, "teachers": cfg.teachers,
-                             "trainer": {**common["trainer"], "steps": 9}, "method": method})
+                             "trainer": {**common["trainer"], "steps": 11}, "method": method})
     metrics = read_metrics(execute(steps))
-    assert metrics["steps"] == 9 and metrics["phase_steps"] == {
-        "stage1_layer1": 1, "stage1_layer2": 1, "stage1_layer3": 1, "stage1_head": 1,
-        "stage2_to_layer2": 1, "stage2_to_layer3": 2, "stage2_to_head": 2}
+    assert metrics["steps"] == 11 and metrics["phase_steps"] == {
+        "stage1_stem": 1, "stage1_layer1": 1, "stage1_layer2": 1, "stage1_layer3": 1, "stage1_head": 2,
+        "stage2_to_layer1": 1, "stage2_to_layer2": 1, "stage2_to_layer3": 1, "stage2_to_head": 2}
     both = steps.model_copy(update={"method": GraftMethod(**method, stage1={"epochs": [1]})})
-    with pytest.raises(UserError, match=r"trainer.steps = 9 and method.stage1.epochs = \[1\]: give grafting's length"):
+    with pytest.raises(UserError, match=r"trainer.steps = 11 and method.stage1.epochs = \[1\]: give grafting's length"):
         execute(both, overwrite=True)
 
 
 def test_host_null_takes_the_best_teacher_the_student_can_be_grafted_into():
-    """resnet8 keeps its host's stem (16 channels), so a resnet8x4 (32) ranked first on validation is
-    skipped for the resnet20 behind it; it still contributes to the fused target."""
+    """A teacher without a stage view ranked first on validation is skipped for the resnet20 behind it;
+    it still contributes to the fused target."""
     from graftkd.methods.graft import first_graftable
 
-    models = [MODELS.get(n)(num_classes=3) for n in ("resnet8x4", "resnet20")]
+    plain = nn.Sequential(nn.Conv2d(3, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+    models = [plain, MODELS.get("resnet20")(num_classes=3)]
     t = targets_of(*models)
 
     def build(host):
@@ -275,10 +279,10 @@ def test_host_null_takes_the_best_teacher_the_student_can_be_grafted_into():
 
     m = first_graftable([0, 1], build, ["resnet8x4", "resnet20"])
     assert m.host_index == 1 and len(m.targets.ensemble) == 2
-    with pytest.raises(UserError, match="'conv1' must have the same tensors"):
-        first_graftable([0], build, ["resnet8x4", "resnet20"])  # an explicit host: its own error
-    with pytest.raises(UserError, match=r"no teacher can be the graft host:\n  teacher 0 \(resnet8x4\): .*conv1"):
-        first_graftable([0, 0], build, ["resnet8x4", "resnet20"])
+    with pytest.raises(UserError, match="Sequential has no stage view"):
+        first_graftable([0], build, ["plain", "resnet20"])  # an explicit host: its own error
+    with pytest.raises(UserError, match=r"no teacher can be the graft host:\n  teacher 0 \(plain\): .*no stage view"):
+        first_graftable([0, 0], build, ["plain", "resnet20"])
 
 
 def test_one_step_budget_split_into_the_phases():
@@ -290,7 +294,7 @@ def test_one_step_budget_split_into_the_phases():
     assert phase_steps(7, 0.5, 1) == ([7], [])  # no stage 2: stage 1 takes the whole budget
     with pytest.raises(UserError, match="every phase needs at least one step"):
         phase_steps(5, 0.5, 4)
-    m = make("resnet8", "resnet20", shots=5, steps=301, stage1_share=0.4)
+    m = make("resnet8", "resnet20", shots=5, steps=301, stage1_share=0.4, shared_units=1)
     assert [(p.name, p.epochs, p.steps) for p in m.phases()] == [
         ("stage1_layer1", None, 30), ("stage1_layer2", None, 30), ("stage1_layer3", None, 30), ("stage1_head", None, 30),
         ("stage2_to_layer2", None, 60), ("stage2_to_layer3", None, 60), ("stage2_to_head", None, 61)]

@@ -68,7 +68,8 @@ def test_benchmark_studies_run_atf_with_the_few_shot_preset():
     from graftkd.study import load_study
 
     preset = load_config(CONFIGS / "digits/atf.yaml").method
-    studies = sorted((CONFIGS.parent / "benchmarks" / "studies").glob("*.yaml"))
+    studies = sorted(s for s in (CONFIGS.parent / "benchmarks" / "studies").glob("*.yaml")
+                     if not s.name.startswith("atf_full"))  # the full-label study runs ATF's class defaults
     fragments = [f["method"] for s in studies for f in load_study(s).methods.values()
                  if f.get("method", {}).get("name") == "atf"]
     assert len(fragments) >= 6
@@ -91,3 +92,17 @@ def test_digits_graft_preset_is_the_design_chosen_on_validation():
     steps = load_config(CONFIGS / "digits/graft_fewshot.yaml",
                         ["trainer.steps=300", "method.stage1.epochs=null", "method.stage2.epochs=null"])
     assert (steps.trainer.steps, steps.trainer.epochs) == (300, None)
+
+
+@pytest.mark.parametrize("pair,published", [("resnet32x4_resnet8x4", {"fitnet": "73.50", "at": "73.44"}),
+                                            ("vgg13_vgg8", {"fitnet": "71.02", "at": "71.43"})])
+def test_cifar100_feature_presets_carry_mdistiller_recipe_and_state_the_target(pair, published):
+    kd = load_config(CONFIGS / f"cifar100/kd_{pair}.yaml")
+    for name, number in published.items():
+        path = CONFIGS / f"cifar100/{name}_{pair}.yaml"
+        c = load_config(path)
+        assert f"Published top-1 it targets: {number}" in path.read_text()
+        assert c.model_dump(exclude={"name", "method"}) == kd.model_dump(exclude={"name", "method"})
+    fitnet, at = (load_config(CONFIGS / f"cifar100/{n}_{pair}.yaml").method for n in ("fitnet", "at"))
+    assert (fitnet.hint, fitnet.feat_weight, fitnet.ce_weight, fitnet.kd_weight) == (2, 100.0, 1.0, 0.0)
+    assert (at.p, at.feat_weight, at.skip_first, at.ce_weight, at.kd_weight) == (2.0, 1000.0, True, 1.0, 0.0)

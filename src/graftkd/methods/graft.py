@@ -1,9 +1,12 @@
 """Dual-stage progressive network grafting (NetGraft) with multi-teacher soft targets (methods.md I.3).
 
-The host (one frozen teacher, by default the best on validation) is viewed as ``stem -> stages ->
-head``; the student must have as many stages with the same boundary spatial sizes. Units are the
-student's grafted stages (after ``shared_stages``) and finally its head. Where channel widths
-differ, a 1x1 bridge ``t2s_u`` feeds unit u from the host and ``s2t_u`` feeds the host from it.
+Host (one frozen teacher, by default the best on validation) and student are seen through their
+stage views (``graftkd.models.staged``). Grafting is a list of named :class:`Unit` s (``plan_units``):
+the segments between the boundaries both networks share (equal spatial size, i.e. the reductions
+both have), the first starting at the image (so the student's stem is a unit like any other) and
+the last ending in the head. Each unit holds student segments, the host segments it replaces and
+the boundary it ends at; where the widths at that boundary differ, a 1x1 bridge ``s2t_u`` feeds
+the host from student unit u and ``t2s_{u+1}`` feeds student unit u+1 from the host.
 
 - Stage 1, one phase per unit u: hybrid = host with unit u replaced by ``t2s_u -> S_u -> s2t_u``;
   only that unit and its bridges train; the weights of the last epoch are kept.
@@ -16,12 +19,12 @@ differ, a 1x1 bridge ``t2s_u`` feeds unit u from the host and ``s2t_u`` feeds th
   plus ``kd_weight`` * fused KL and ``ce_weight`` * CE. On real digits the KL form lost to the host
   target and the normalised-logit form beat it (docs/methods/graft.md).
 - Lengths: stage epochs, or one ``trainer.steps`` budget split by ``stage1_share``.
+- ``shared_units``: leading units copied from the host and never trained (NetGraft's VGG16).
 
-The student's stem (and shared stages) is the host's: copied at set-up, never trained, so the
-hybrid and the exported student see the same features. ``student()`` folds the bridges
-(``graftkd.models.staged``): the exported network is the plain student architecture when every
-folded bridge pair was absorbed into the head's Linear (or no bridge was needed), else a
-``GraftedStudent`` (``graft:<student>``) with square 1x1 junctions between stages.
+``student()`` folds every bridge pair into the student's own layers where exact (the next block's
+first convs and projection shortcut, or the head's Linear): the exported network is the plain
+student architecture unless a boundary has no such consumer (identity shortcut, depthwise conv,
+norm first), where a 1x1 junction stays (``GraftedStudent``, ``graft:<student>``).
 """
 from __future__ import annotations
 
@@ -38,13 +41,13 @@ from graftkd.config import ExperimentConfig, MethodConfig, OptimizerConfig, Sche
 from graftkd.errors import UserError
 from graftkd.losses import kd_loss_from_probs, normalized_logit_mse
 from graftkd.methods.base import METHODS, Method, OptimSpec, Phase, StepContext, labelled_acc, labelled_ce
-from graftkd.models import MODELS, count_params
+from graftkd.models import count_params
 from graftkd.models.staged import (
     GRAFT_PREFIX,
     GraftedStudent,
     StagedModel,
-    check_compatible,
     compose_1x1,
+    fold_into_convs,
     fold_into_linear,
     make_bridge,
 )
@@ -101,8 +104,9 @@ class GraftMethod(MethodConfig):
                                        "mean: sum_k w_k z_k; log_probs: T log of the fused probabilities, centred")
     kd_weight: float = Field(0.0, ge=0, description="weight of an extra T^2 KL term to the fused probabilities")
     ce_weight: float = Field(0.0, ge=0, description="weight of an extra CE term to the labels (host/fused)")
-    shared_stages: int = Field(0, ge=0, description="leading host stages kept with the stem: copied into the "
-                                                    "student, never grafted (NetGraft VGG16: 3)")
+    shared_units: int = Field(0, ge=0, description="leading units (the stem is unit 0 when the network has one) "
+                                                   "copied from the host into the student and never grafted "
+                                                   "(NetGraft VGG16: 3)")
     init_from_teacher: bool = Field(True, description="initialise grafted student tensors from the host's "
                                                       "where name and shape match")
     scale_with_shots: bool = Field(True, description="NetGraft rule with data.shots = N: batch = "
@@ -119,7 +123,7 @@ class UnitPlan:
     """What a phase grafts: units ``lo <= u < hi`` are in the hybrid, ``train`` are optimised."""
 
     lo: int
-    hi: int
+    hi: int  # units lo <= u < hi are the student's in the hybrid
     train: tuple[int, ...]
     target: str = "host"
 
@@ -166,6 +170,51 @@ def _per_unit(values: list, i: int) -> Any:
     return values[min(i, len(values) - 1)]
 
 
+@dataclass
+class Unit:
+    """One graft unit: the student's segments and the host's segments it replaces (indices into each
+    view), from the input or a boundary both networks share up to the next one (or the logits when
+    ``head``). ``boundary``: (host, student) boundary index at the unit's output; None for the head."""
+
+    name: str
+    student: tuple[int, ...]
+    host: tuple[int, ...]
+    head: bool
+    boundary: tuple[int, int] | None
+
+
+def shared_boundaries(host: list[tuple[int, int, int]], student: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """(host, student) boundary pairs of equal spatial size: the k-th boundary of a size in one network
+    with the k-th of that size in the other (so boundaries both networks have at a reduction pair up)."""
+    pairs = []
+    for size in dict.fromkeys(s[1:] for s in host):
+        hs = [i for i, s in enumerate(host) if s[1:] == size]
+        ss = [i for i, s in enumerate(student) if s[1:] == size]
+        pairs += list(zip(hs, ss))
+    pairs.sort()
+    if [s for _, s in pairs] != sorted(s for _, s in pairs):
+        raise UserError("grafting needs boundaries of the same spatial size in the same order in both networks")
+    return pairs
+
+
+def plan_units(H: StagedModel, S: StagedModel, input_size: int) -> list[Unit]:
+    """The units of grafting ``S`` into ``H``: segments between the boundaries both share, then the head."""
+    hs, ss = H.boundary_shapes(input_size), S.boundary_shapes(input_size)
+    pairs = shared_boundaries(hs, ss)
+    if not pairs:
+        raise UserError(f"grafting needs at least one stage boundary of the same spatial size in both networks; at "
+                        f"{input_size} px {H.label} has {[s[1:] for s in hs]} (H, W), {S.label} {[s[1:] for s in ss]}")
+    units, h0, s0 = [], 0, 0
+    for h, s in pairs + [(H.n_stages - 1, S.n_stages - 1)]:
+        head = len(units) == len(pairs)
+        student = tuple(range(s0, s + 1)) if not head else tuple(range(s0, S.n_stages))
+        host = tuple(range(h0, h + 1)) if not head else tuple(range(h0, H.n_stages))
+        names = [S.stage_names[i] for i in student] + (["head"] if head else [])
+        units.append(Unit("+".join(names), student, host, head, None if head else (h, s)))
+        h0, s0 = h + 1, s + 1
+    return units
+
+
 class Graft(Method):
     """Grafts ``student``'s units into the host ``targets.ensemble.teachers[host_index]``."""
 
@@ -184,35 +233,32 @@ class Graft(Method):
         if host_teacher.renormalise:
             raise UserError(f"graft host teacher {host_index} ({host_teacher.name}) expects inputs normalised with "
                             f"mean {host_teacher.mean} std {host_teacher.std}, not the data's; set data.mean/data.std "
-                            f"to those values, since the grafted student keeps the host's stem")
+                            f"to those values, since the hybrid feeds the host's modules the student's features")
         self.H = StagedModel(host_teacher.model, f"host teacher {host_index} ({host_teacher.name})")
         self.S = StagedModel(student, f"student ({student_name})")
-        shapes = check_compatible(self.H, self.S, input_size)
-        n, k = self.H.n_stages, opts.shared_stages
-        if k > n:
-            raise UserError(f"method.shared_stages = {k} but the host has only {n} stages")
-        self.k, self.n_units = k, n - k + 1
-        self.shared_modules = self._copy_stem_region()
+        self.units = plan_units(self.H, self.S, input_size)
+        self.n_units = len(self.units)
+        if opts.shared_units >= self.n_units:
+            raise UserError(f"method.shared_units = {opts.shared_units} but grafting {self.S.label} into {self.H.label} "
+                            f"has only {self.n_units} units ({', '.join(u.name for u in self.units)})")
+        self.k = opts.shared_units
+        self.shared_modules = self._copy_shared_units()
+        # bridges at every shared boundary whose widths differ; bias-free where the map folds into a conv
         self.t2s, self.s2t = nn.ModuleDict(), nn.ModuleDict()
-        for u in range(self.n_units):
-            b_in = k + u  # boundary feeding unit u: 0 = stem output, j = output of stage j-1
-            if shapes[b_in][0][0] != shapes[b_in][1][0]:
-                self.t2s[str(u)] = make_bridge(shapes[b_in][0][0], shapes[b_in][1][0])
-            if u < self.n_units - 1 and shapes[b_in + 1][0][0] != shapes[b_in + 1][1][0]:
-                self.s2t[str(u)] = make_bridge(shapes[b_in + 1][1][0], shapes[b_in + 1][0][0])
-        for u in range(self.n_units - 1):
-            if (str(u) in self.s2t) != (str(u + 1) in self.t2s):
-                raise RuntimeError(f"unpaired bridges after unit {u}")  # widths chain in both networks
+        self.junction_boundaries: list[int] = []
+        for u, unit in enumerate(self.units[:-1]):
+            h, s = unit.boundary  # type: ignore[misc]
+            ch, cs = self.H.channels[h], self.S.channels[s]
+            if ch == cs:
+                continue
+            consumer = self.S.consumer(s)
+            bias = consumer is None or consumer.takes_bias
+            self.s2t[str(u)] = make_bridge(cs, ch, bias)
+            self.t2s[str(u + 1)] = make_bridge(ch, cs, bias)
+            if consumer is None:
+                self.junction_boundaries.append(s)
         self.copied = self._init_from_host() if opts.init_from_teacher else 0
-        self.junction_stages = [k + u for u in range(self.n_units - 1) if str(u) in self.s2t
-                                and not (u + 1 == self.n_units - 1 and self.S.head_linear is not None)]
-        base = student_name.removeprefix("timm:")
-        self.exported_arch = GRAFT_PREFIX + base if self.junction_stages else student_name
-        if self.junction_stages and self.exported_arch not in MODELS:
-            raise UserError(f"student '{student_name}' would need 1x1 junctions after stages {self.junction_stages} "
-                            f"(its widths differ from the host's) and cannot be exported as '{self.exported_arch}'; "
-                            f"graftable students with junctions: our CIFAR family and "
-                            f"{', '.join(n.removeprefix(GRAFT_PREFIX) for n in MODELS.names(GRAFT_PREFIX + 'resnet[0-9]*'))}")
+        self.exported_arch = GRAFT_PREFIX + student_name if self.junction_boundaries else student_name
         targets.requires_grad_(False)
         for m in self.shared_modules:
             m.requires_grad_(False)
@@ -220,63 +266,65 @@ class Graft(Method):
         self.factor, self.batch_size = shot_scaling(shots, opts.scale_with_shots, batch_size)
         self.steps = steps
         self._phases, self._plan = self._build_phases()
-        self.active = UnitPlan(0, self.n_units, ())
+        self.active = UnitPlan(self.k, self.n_units, ())
         log.info("graft: %s", self.describe())
 
-    # ------------------------------------------------------------------------------------ set-up
-    def _stem_region(self, view: StagedModel) -> list[tuple[str, nn.Module]]:
-        return list(view.named_stem()) + [(view.stage_names[j], view.stage_module(j)) for j in range(self.k)]
+    # ------------------------------------------------------------------------------------ units
+    def student_modules(self, u: int) -> list[tuple[str, nn.Module]]:
+        """(name, module) of the student's unit u (without bridges)."""
+        unit = self.units[u]
+        mods = [nm for i in unit.student for nm in self.S.segments[i].modules]
+        return mods + (list(self.S.named_head()) if unit.head else [])
+
+    def host_modules(self, u: int) -> list[tuple[str, nn.Module]]:
+        unit = self.units[u]
+        mods = [nm for i in unit.host for nm in self.H.segments[i].modules]
+        return mods + (list(self.H.named_head()) if unit.head else [])
+
+    def unit_name(self, u: int) -> str:
+        return self.units[u].name
+
+    def unit_modules(self, u: int) -> list[nn.Module]:
+        return [m for _, m in self.student_modules(u)]
+
+    def unit_bridges(self, u: int) -> list[nn.Module]:
+        return [d[str(u)] for d in (self.t2s, self.s2t) if str(u) in d]
 
     @torch.no_grad()
-    def _copy_stem_region(self) -> list[nn.Module]:
-        """Copy the host's stem and shared stages into the student; their shapes must match."""
-        host, student = dict(self._stem_region(self.H)), self._stem_region(self.S)
-        for name, module in student:
-            src = host.get(name)
-            ours, theirs = module.state_dict(), src.state_dict() if src is not None else {}
-            bad = [key for key in set(ours) | set(theirs)
-                   if key not in ours or key not in theirs or ours[key].shape != theirs[key].shape]
-            if bad:
-                key = sorted(bad)[0]
-                raise UserError(
-                    f"the grafted student keeps the host's stem and shared stages, so '{name}' must have the same "
-                    f"tensors in both: '{name}.{key}' is {tuple(theirs[key].shape) if key in theirs else 'missing'} "
-                    f"in {self.H.label} and {tuple(ours[key].shape) if key in ours else 'missing'} in {self.S.label}")
-            module.load_state_dict(theirs)
-        return [m for _, m in student]
-
-    def _unit_pairs(self, u: int) -> list[tuple[str, nn.Module, nn.Module]]:
-        """(name, student module, host module) of unit u."""
-        if u < self.n_units - 1:
-            j = self.k + u
-            return [(self.S.stage_names[j], self.S.stage_module(j), self.H.stage_module(j))]
-        host = dict(self.H.named_head())
-        return [(name, m, host[name]) for name, m in self.S.named_head() if name in host]
+    def _copy_shared_units(self) -> list[nn.Module]:
+        """Copy the host's first ``shared_units`` units into the student; their tensors must match."""
+        out = []
+        for u in range(self.k):
+            host = dict(self.host_modules(u))
+            for name, module in self.student_modules(u):
+                src = host.get(name)
+                ours, theirs = module.state_dict(), src.state_dict() if src is not None else {}
+                bad = sorted(key for key in set(ours) | set(theirs)
+                             if key not in ours or key not in theirs or ours[key].shape != theirs[key].shape)
+                if bad or (src is None and not ours):
+                    key = bad[0] if bad else ""
+                    raise UserError(
+                        f"method.shared_units = {self.k}: the student keeps the host's unit '{self.unit_name(u)}', so "
+                        f"'{name}' must have the same tensors in both: '{name}.{key}' is "
+                        f"{tuple(theirs[key].shape) if key in theirs else 'missing'} in {self.H.label} and "
+                        f"{tuple(ours[key].shape) if key in ours else 'missing'} in {self.S.label}")
+                module.load_state_dict(theirs)
+                out.append(module)
+        return out
 
     @torch.no_grad()
     def _init_from_host(self) -> int:
-        """Copy host tensors into the grafted units where name and shape match; returns how many."""
+        """Copy host tensors into the grafted units where module name, key and shape match; returns how many."""
         copied = 0
-        for u in range(self.n_units):
-            for _, s_mod, h_mod in self._unit_pairs(u):
-                theirs = h_mod.state_dict()
-                for key, value in s_mod.state_dict().items():
+        for u in range(self.k, self.n_units):
+            host = dict(self.host_modules(u))
+            for name, module in self.student_modules(u):
+                theirs = host[name].state_dict() if name in host else {}
+                for key, value in module.state_dict().items():
                     if key in theirs and theirs[key].shape == value.shape:
                         value.copy_(theirs[key])
                         copied += 1
         return copied
-
-    def unit_name(self, u: int) -> str:
-        return self.S.stage_names[self.k + u] if u < self.n_units - 1 else "head"
-
-    def unit_modules(self, u: int) -> list[nn.Module]:
-        """The student modules of unit u (without bridges)."""
-        if u < self.n_units - 1:
-            return [self.S.stage_module(self.k + u)]
-        return [m for _, m in self.S.named_head()]
-
-    def unit_bridges(self, u: int) -> list[nn.Module]:
-        return [d[str(u)] for d in (self.t2s, self.s2t) if str(u) in d]
 
     def _stage_optim(self, stage: GraftStageOptim, index: int, units: tuple[int, ...]) -> OptimSpec:
         scale = self.factor if stage.scale_lr_with_shots else 1.0
@@ -289,11 +337,12 @@ class Graft(Method):
                          schedule=ScheduleConfig(name="constant"))
 
     def _build_phases(self) -> tuple[list[Phase], dict[str, UnitPlan]]:
-        """Stage 1 then stage 2; lengths in epochs (``stage<k>.epochs``) or, with a run budget in optimiser
-        steps, in steps (``phase_steps``)."""
+        """Stage 1 then stage 2 over the grafted units ``k..U-1``; lengths in epochs (``stage<k>.epochs``)
+        or, with a run budget in optimiser steps, in steps (``phase_steps``)."""
         s1, s2 = self.opts.stage1, self.opts.stage2
+        grafted = list(range(self.k, self.n_units))
         if self.steps is not None:
-            steps1, steps2 = phase_steps(self.steps, self.opts.stage1_share, self.n_units)
+            steps1, steps2 = phase_steps(self.steps, self.opts.stage1_share, len(grafted))
         else:
             steps1, steps2 = [], []
             for k, stage in ((1, s1), (2, s2)):
@@ -307,17 +356,17 @@ class Graft(Method):
                 return {"epochs": None, "steps": steps[i]}
             return {"epochs": _per_unit(stage.epochs, i), "steps": None}
 
-        for u in range(self.n_units):
+        for i, u in enumerate(grafted):
             name = f"stage1_{self.unit_name(u)}"
             plan[name] = UnitPlan(u, u + 1, (u,), s1.target or self.opts.target)
-            phases.append(Phase(name, optimizers=[self._stage_optim(s1, u, (u,))], select_best=False,
-                                batch_size=self.batch_size, **length(s1, steps1, u)))
-        for i in range(2, self.n_units + 1):
-            name = f"stage2_to_{self.unit_name(i - 1)}"
-            units = tuple(range(i))
-            plan[name] = UnitPlan(0, i, units, s2.target or self.opts.target)
-            phases.append(Phase(name, optimizers=[self._stage_optim(s2, i - 2, units)],
-                                select_best=False, batch_size=self.batch_size, **length(s2, steps2, i - 2)))
+            phases.append(Phase(name, optimizers=[self._stage_optim(s1, i, (u,))], select_best=False,
+                                batch_size=self.batch_size, **length(s1, steps1, i)))
+        for i, u in enumerate(grafted[1:]):
+            name = f"stage2_to_{self.unit_name(u)}"
+            units = tuple(range(self.k, u + 1))
+            plan[name] = UnitPlan(self.k, u + 1, units, s2.target or self.opts.target)
+            phases.append(Phase(name, optimizers=[self._stage_optim(s2, i, units)],
+                                select_best=False, batch_size=self.batch_size, **length(s2, steps2, i)))
         phases[-1].select_best = True  # the last progressive step keeps its best validated epoch
         return phases, plan
 
@@ -327,33 +376,42 @@ class Graft(Method):
 
     def start_phase(self, phase: Phase) -> None:
         self.active = self._plan[phase.name]
-        for u in range(self.n_units):
+        for u in range(self.k, self.n_units):
             on = u in self.active.train
             for m in self.unit_modules(u) + self.unit_bridges(u):
                 m.requires_grad_(on)
 
-    def _unit(self, u: int, h: Tensor) -> Tensor:
+    def _student_unit(self, u: int, h: Tensor) -> Tensor:
+        """Unit u of the student with its bridges: host-width in (after unit 0), host-width out (not the head)."""
         if str(u) in self.t2s:
             h = self.t2s[str(u)](h)
-        if u == self.n_units - 1:
+        for i in self.units[u].student:
+            h = self.S.stage(i, h)
+        if self.units[u].head:
             return self.S.head(h)
-        h = self.S.stage(self.k + u, h)
         return self.s2t[str(u)](h) if str(u) in self.s2t else h
+
+    def _host_unit(self, u: int, h: Tensor) -> Tensor:
+        for i in self.units[u].host:
+            h = self.H.stage(i, h)
+        return self.H.head(h) if self.units[u].head else h
 
     def _host_from(self, u: int, h: Tensor) -> Tensor:
         """The host's units u.. on h."""
-        for v in range(u, self.n_units - 1):
-            h = self.H.stage(self.k + v, h)
-        return self.H.head(h)
+        for v in range(u, self.n_units):
+            h = self._host_unit(v, h)
+        return h
 
     def _prefix(self, x: Tensor) -> Tensor:
-        """Host stem and stages before the first grafted unit of the phase (nothing there trains)."""
+        """The host's (= the shared student's) units before the first grafted unit of the phase."""
         with torch.no_grad():
-            return self.H.features(x, self.k + self.active.lo)
+            for u in range(self.active.lo):
+                x = self._host_unit(u, x)
+            return x
 
     def _hybrid_from(self, h: Tensor) -> Tensor:
         for u in range(self.active.lo, self.active.hi):
-            h = self._unit(u, h)
+            h = self._student_unit(u, h)
         return h if self.active.hi == self.n_units else self._host_from(self.active.hi, h)
 
     def hybrid(self, x: Tensor) -> Tensor:
@@ -398,25 +456,30 @@ class Graft(Method):
     # ------------------------------------------------------------------------------------ export
     @torch.no_grad()
     def fold(self) -> nn.Module:
-        """The plain student: bridge pairs composed into one 1x1 conv, folded into the head's Linear
-        where exact, else kept as a junction of a ``GraftedStudent``."""
+        """The plain student: each bridge pair composed into one 1x1 map and absorbed by what consumes
+        that boundary in the student (next block's first convs, or the head's Linear/1x1 conv), else
+        kept as a junction of a ``GraftedStudent``."""
         net = copy.deepcopy(self.net).eval()
         view = StagedModel(net, self.S.label)
         junctions: dict[int, nn.Conv2d] = {}
-        for u in range(self.n_units - 1):
+        for u, unit in enumerate(self.units[:-1]):
             if str(u) not in self.s2t:
                 continue
+            b = unit.boundary[1]  # type: ignore[index]
             conv = compose_1x1(self.s2t[str(u)], self.t2s[str(u + 1)])
-            if self.k + u in self.junction_stages:
-                junctions[self.k + u] = conv
+            consumer = view.consumer(b)
+            if consumer is None:
+                junctions[b] = conv
+            elif consumer.linear is not None:
+                fold_into_linear(conv, consumer.linear)
             else:
-                fold_into_linear(conv, view.head_linear_module())
+                fold_into_convs(conv, consumer.convs)
         if not junctions:
             return net
         p = next(net.parameters())
-        grafted = GraftedStudent(net, self.input_size).to(device=p.device, dtype=p.dtype)
-        for j, conv in junctions.items():
-            grafted.junctions[str(j)].load_state_dict(conv.state_dict())
+        grafted = GraftedStudent(net).to(device=p.device, dtype=p.dtype)
+        for b, conv in junctions.items():
+            grafted.junctions[str(b)].load_state_dict(conv.state_dict())
         return grafted.eval()
 
     def student(self) -> nn.Module:
@@ -427,8 +490,8 @@ class Graft(Method):
         return self.exported_arch
 
     def _hybrid_modules(self) -> Iterator[nn.Module]:
-        yield from (m for _, m in self._stem_region(self.H))
-        for u in range(self.n_units):
+        yield from self.shared_modules
+        for u in range(self.k, self.n_units):
             yield from self.unit_modules(u) + self.unit_bridges(u)
 
     def param_counts(self) -> dict[str, int]:
@@ -439,11 +502,13 @@ class Graft(Method):
     def describe(self) -> dict[str, Any]:
         return {
             "host": {"index": self.host_index, "name": self.targets.ensemble.teachers[self.host_index].name},
-            "target": self.opts.target, "units": [self.unit_name(u) for u in range(self.n_units)],
-            "shared_stages": list(self.H.stage_names[: self.k]),
+            "target": self.opts.target, "units": [u.name for u in self.units],
+            "host_units": ["+".join([self.H.stage_names[i] for i in u.host] + (["head"] if u.head else []))
+                           for u in self.units],
+            "shared_units": [u.name for u in self.units[: self.k]],
             "bridges": {f"{kind}_{self.unit_name(int(u))}": [c.in_channels, c.out_channels]
                         for kind, d in (("t2s", self.t2s), ("s2t", self.s2t)) for u, c in d.items()},
-            "junctions_after": [self.S.stage_names[j] for j in self.junction_stages],
+            "junctions_after": [self.S.stage_names[b] for b in self.junction_boundaries],
             "exported_arch": self.exported_arch, "tensors_copied_from_host": self.copied,
             "shot_factor": self.factor, "batch_size": self.batch_size, "params": self.param_counts(),
         }

@@ -7,7 +7,6 @@ from graftkd.models.factory import (
     load_model_file,
     save_model_file,
 )
-from graftkd.models import staged  # noqa: F401  registers graft:<student> builders
 
 __all__ = [
     "MODELS",

@@ -9,7 +9,10 @@ so their state_dict keys match and their released checkpoints load. Every model 
     forward_head(f) = fc(flatten(avgpool(final_act(f))))
 
 ``stage_names`` lists the stage submodules; ``forward_stage(i, x)`` runs stage i including any
-parameter-free glue (VGG's ReLU + max-pool). Pooling is adaptive, so any input size works; the
+parameter-free glue (VGG's ReLU + max-pool). Like a timm CNN, every model has ``feature_info``
+(one dict per boundary: ``module``, ``num_chs``, ``reduction`` at a 32 px input: the stem's output
+when the model has a stem, then each stage's), ``forward_intermediates`` (timm's signature: the
+boundary maps) and ``forward_head(f, pre_logits=...)``. Pooling is adaptive, so any input size works; the
 models are designed for 32x32 (after the last stage the map is 8x8 for ResNet/WRN, 4x4 for VGG).
 Every ``forward`` returns logits only.
 """
@@ -30,9 +33,42 @@ class StagedNet(nn.Module):
     """Base class: ``stem -> stages -> head``; subclasses set ``stage_names`` and the three hooks."""
 
     stage_names: tuple[str, ...] = ()
+    #: name of the stem's last module (its feature_info entry), None when the model has no stem
+    stem_module: str | None = None
+    feature_info: list[dict[str, object]]
+
+    def _set_feature_info(self, stem_chs: int | None, stage_chs: Sequence[int], reductions: Sequence[int]) -> None:
+        """timm's ``feature_info``: the stem (if any) then every stage, with width and reduction."""
+        names = ([self.stem_module] if self.stem_module else []) + list(self.stage_names)
+        chs = ([stem_chs] if self.stem_module else []) + list(stage_chs)
+        self.feature_info = [{"module": n, "num_chs": c, "reduction": r} for n, c, r in zip(names, chs, reductions)]
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return x
+
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's contract: the maps at the ``feature_info`` boundaries (``indices``: the last n if an
+        int, all if None, else those positions), and the final map unless ``intermediates_only``."""
+        if output_fmt != "NCHW":
+            raise ValueError("output_fmt must be NCHW")
+        n = len(self.feature_info)
+        take = list(range(n - indices, n)) if isinstance(indices, int) else list(range(n)) if indices is None else [
+            i % n for i in indices]
+        last = max(take) if stop_early and take else n - 1
+        out: list[Tensor] = []
+        offset = 1 if self.stem_module else 0
+        x = self.forward_stem(x)
+        if offset and 0 in take:
+            out.append(x)
+        for i in range(len(self.stage_names)):
+            if i + offset > last:
+                break
+            x = self.forward_stage(i, x)
+            if i + offset in take:
+                out.append(x)
+        return out if intermediates_only else (x, out)
 
     def forward_stage(self, i: int, x: Tensor) -> Tensor:
         return getattr(self, self.stage_names[i])(x)
@@ -45,6 +81,10 @@ class StagedNet(nn.Module):
 
     def forward_head(self, f: Tensor, pre_logits: bool = False) -> Tensor:
         raise NotImplementedError
+
+    def get_classifier(self) -> nn.Module:
+        """timm's contract: the module that maps ``forward_head(f, pre_logits=True)`` to logits."""
+        return getattr(self, "classifier", None) or self.fc
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -101,6 +141,7 @@ class CifarResNet(StagedNet):
     strides 1, 2, 2), head avgpool + fc."""
 
     stage_names = ("layer1", "layer2", "layer3")
+    stem_module = "relu"
 
     def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 10) -> None:
         super().__init__()
@@ -118,6 +159,7 @@ class CifarResNet(StagedNet):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
         self.num_features = widths[3]
+        self._set_feature_info(widths[0], widths[1:], (1, 1, 2, 4))
         _init_weights(self, linear_std=None)
 
     def forward_stem(self, x: Tensor) -> Tensor:
@@ -172,6 +214,7 @@ class WideResNet(StagedNet):
     head bn1-relu (final pre-activation), avgpool, fc."""
 
     stage_names = ("block1", "block2", "block3")
+    stem_module = "conv1"
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 10, drop_rate: float = 0.0) -> None:
         super().__init__()
@@ -188,6 +231,7 @@ class WideResNet(StagedNet):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(ch[3], num_classes)
         self.num_features = ch[3]
+        self._set_feature_info(ch[0], ch[1:], (1, 1, 2, 4))
         _init_weights(self, linear_std=None)
         nn.init.zeros_(self.fc.bias)
 
@@ -230,6 +274,7 @@ class CifarVGG(StagedNet):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(cin, num_classes)
         self.num_features = cin
+        self._set_feature_info(None, [c[-1] for c in cfg], (2, 4, 8, 8, 8))  # at 32 px: no pool after block3
         _init_weights(self, linear_std=0.01)
 
     def forward_stage(self, i: int, x: Tensor) -> Tensor:
@@ -266,6 +311,7 @@ class NetGraftVGG(StagedNet):
         mid: list[nn.Module] = [nn.BatchNorm1d(512)] if classifier_bn else []
         self.classifier = nn.Sequential(nn.Linear(cin, 512), *mid, nn.Linear(512, num_classes))
         self.num_features = cin
+        self._set_feature_info(None, [c[-1] for c in cfg], (2, 4, 8, 16, 32))
         _init_weights(self, linear_std=0.01)
 
     def forward_head(self, f: Tensor, pre_logits: bool = False) -> Tensor:

@@ -21,6 +21,7 @@ from torch import nn
 from graftkd.files import load_checkpoint, save_checkpoint
 from graftkd.errors import UserError
 from graftkd.models.cifar import MODELS, count_params
+from graftkd.models.staged import GRAFT_PREFIX, GraftedStudent
 
 # timm is imported inside the functions that need it: importing it costs seconds at start-up.
 TIMM_PREFIX = "timm:"
@@ -42,20 +43,76 @@ def _unknown(name: str) -> UserError:
     return UserError(f"unknown model '{name}'{hint} (list them with `graftkd models [pattern]`)")
 
 
-def _build(name: str, num_classes: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a weights file: safetensors, or a torch file holding a state dict (or
+    ``{"state_dict": ...}`` / ``{"model": ...}``, as training scripts save them)."""
+    if not path.is_file():
+        raise UserError(f"pretrained weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UserError(f"{path}: not a readable weights file ({str(e).splitlines()[0][:120]})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: holds no state dict of tensors")
+    return state
+
+
+def check_weights(path: Path, state: dict[str, torch.Tensor], model: nn.Module, name: str,
+                  skip: tuple[str, ...] = ()) -> None:
+    """UserError naming ``path`` and the first key missing, extra or of another shape than in ``model``
+    (keys starting with a ``skip`` prefix, a classifier timm re-initialises, are not compared)."""
+    own = model.state_dict()
+    for key, value in own.items():
+        if key.startswith(skip):
+            continue
+        if key not in state:
+            raise UserError(f"{path}: does not fit '{name}': it lacks key '{key}'")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise UserError(f"{path}: does not fit '{name}': key '{key}' has shape {tuple(state[key].shape)} in the "
+                            f"file, {tuple(value.shape)} in the model")
+    extra = [k for k in state if k not in own and not k.startswith(skip)]
+    if extra:
+        raise UserError(f"{path}: does not fit '{name}': it has key '{extra[0]}' that the model does not have")
+
+
+def _build(name: str, num_classes: int, pretrained: bool | str | Path, kwargs: dict[str, Any]) -> nn.Module:
     import timm
+    if name.startswith(GRAFT_PREFIX):  # a grafted student that kept 1x1 junctions
+        return GraftedStudent(_build(name[len(GRAFT_PREFIX):], num_classes, pretrained, kwargs))
+    local = Path(pretrained) if isinstance(pretrained, (str, Path)) else None
     if not name.startswith(TIMM_PREFIX) and name in MODELS:
-        if pretrained:
+        if pretrained is True:
             raise UserError(f"model '{name}' has no pretrained weights; pass a trained model file as checkpoint")
         try:
-            return MODELS.get(name)(num_classes=num_classes, **kwargs)
+            model = MODELS.get(name)(num_classes=num_classes, **kwargs)
         except TypeError as e:  # unexpected constructor kwargs
             raise UserError(f"model '{name}' (model.kwargs): {e}") from None
+        if local is not None:
+            state = read_weights_file(local)
+            check_weights(local, state, model, name)
+            model.load_state_dict(state)
+        return model
     timm_name = name.removeprefix(TIMM_PREFIX)
     if not timm.is_model(timm_name):
         raise _unknown(name)
     try:
-        return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        if local is None:
+            return timm.create_model(timm_name, pretrained=bool(pretrained), num_classes=num_classes, **kwargs)
+        # a file on disk through timm's own loader; its classifier is kept when it has num_classes rows
+        model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+        state = read_weights_file(local)
+        clf = timm.models.get_pretrained_cfg(timm_name).classifier if timm.models.get_pretrained_cfg(timm_name) else None
+        clf_rows = state[f"{clf}.weight"].shape[0] if clf and f"{clf}.weight" in state else num_classes
+        check_weights(local, state, model, name, skip=(f"{clf}.",) if clf and clf_rows != num_classes else ())
+        return timm.create_model(timm_name, pretrained=True, num_classes=num_classes,
+                                 pretrained_cfg_overlay={"file": str(local), "num_classes": int(clf_rows)}, **kwargs)
     except TypeError as e:  # unexpected constructor kwargs
         raise UserError(f"model '{name}': {e}") from None
 
@@ -63,11 +120,15 @@ def _build(name: str, num_classes: int, pretrained: bool, kwargs: dict[str, Any]
 def create_model(
     name: str,
     num_classes: int,
-    pretrained: bool = False,
+    pretrained: bool | str | Path = False,
     checkpoint: str | Path | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build ``name`` (ours first, else timm; ``timm:`` forces timm) with ``num_classes`` outputs.
+
+    ``pretrained``: True for timm's hub weights, or a weights file on disk (checked key by key
+    against the architecture, then loaded by timm through ``pretrained_cfg_overlay``; for our
+    family loaded strictly).
 
     ``checkpoint``: a model file or a run folder (``<run>/model.pt``); its arch and class count must
     match, and its weights are loaded strictly (``pretrained`` is then ignored).

@@ -153,6 +153,18 @@ def load_teacher(cfg: TeacherConfig, i: int, classes: list[str], data_mean: Stat
             raise UserError(f"{label}: its classes {file_classes} ({len(file_classes)}) differ from the data's "
                             f"{list(classes)} ({len(classes)}); teachers must be trained on the same class list")
         mean, std, name, source = meta.get("mean"), meta.get("std"), str(meta["arch"]), str(cfg.checkpoint)
+    elif isinstance(cfg.pretrained, Path):
+        from graftkd.models.factory import read_weights_file
+
+        model = create_model(cfg.name, num_classes=len(classes), pretrained=cfg.pretrained, **cfg.kwargs)
+        state = read_weights_file(cfg.pretrained)
+        clf = model.get_classifier() if hasattr(model, "get_classifier") else None
+        key = next((n for n, p in model.named_parameters() if clf is not None and p is getattr(clf, "weight", None)), "")
+        if key and (key not in state or state[key].shape != clf.weight.shape):
+            raise UserError(f"teacher {i} ({cfg.name}, {cfg.pretrained}): its classifier does not have "
+                            f"{len(classes)} outputs for the data's classes {list(classes)}; fine-tune it with "
+                            f"`graftkd train` and pass the model file as checkpoint")
+        mean, std, name, source = None, None, cfg.name, str(cfg.pretrained)
     elif cfg.pretrained:
         import timm
 

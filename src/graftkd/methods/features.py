@@ -1,0 +1,77 @@
+"""What the feature methods (FitNet, AT, MiR, FSKD) share: stage views of the student and of every
+teacher (``graftkd.models.staged``: any network of the feature contract), the boundaries a
+teacher and the student share (equal spatial size), the teachers' maps and logits in one forward,
+and the fused KD target computed from those logits (no second teacher forward).
+
+Not a method: it registers nothing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from graftkd.config import ExperimentConfig
+from graftkd.errors import UserError
+from graftkd.methods.base import Method, Phase, single_phase
+from graftkd.methods.graft import shared_boundaries
+from graftkd.models import count_params
+from graftkd.models.staged import StagedModel
+from graftkd.teachers import fusion
+from graftkd.teachers.targets import Score, TeacherTargets, teachers_report
+
+
+def conv_regressor(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
+    """mdistiller's ``ConvReg`` for maps of equal size: conv (kernel 3, padding 1) -> BN -> ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def pick(pairs: list[tuple[int, int]], index: int, what: str, label: str) -> tuple[int, int]:
+    """``pairs[index]`` or a UserError naming how many shared boundaries there are."""
+    if not -len(pairs) <= index < len(pairs):
+        raise UserError(f"{what} = {index}, but {label} share only {len(pairs)} boundaries (index from 0, or negative)")
+    return pairs[index]
+
+
+class FeatureMethod(Method):
+    """A student trained against frozen teachers' features (and optionally their fused soft target)."""
+
+    def __init__(self, cfg: ExperimentConfig, student: nn.Module, targets: TeacherTargets, input_size: int,
+                 student_name: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = student
+        self.targets = targets
+        self.frozen = [targets]
+        self.S = StagedModel(student, f"student ({student_name})")
+        teachers = targets.ensemble.teachers
+        self.T = [StagedModel(t.model, f"teacher {i} ({t.name})") for i, t in enumerate(teachers)]
+        s_shapes = self.S.boundary_shapes(input_size)
+        self.pairs = [shared_boundaries(v.boundary_shapes(input_size), s_shapes) for v in self.T]
+
+    def teacher_outputs(self, x: Tensor) -> list[tuple[list[Tensor], Tensor]]:
+        """Every teacher's boundary maps and logits (frozen, no gradient)."""
+        with torch.no_grad():
+            return [v.intermediates(t.renormalised(x)) for v, t in zip(self.T, self.targets.ensemble.teachers)]
+
+    def fused_target(self, logits: list[Tensor], y: Tensor, temperature: float) -> Tensor:
+        """``sum_k w_k softmax(z_k / T)`` from logits already computed (the ensemble's fusion rule)."""
+        z = torch.stack([t.float() for t in logits])
+        return fusion.fuse(z, self.targets.ensemble.weights(z, y), temperature, False)
+
+    def phases(self) -> list[Phase]:
+        return single_phase(self.cfg, [p for p in self.parameters() if p.requires_grad])
+
+    def eval_logits(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def student(self) -> nn.Module:
+        return self.model
+
+    def final_metrics(self, score: Score) -> dict[str, Any]:
+        report = teachers_report(self.targets.ensemble, score)
+        report["params"] = {"student": count_params(self.model),
+                            "teachers": [t["params"] for t in report["teachers"]]}
+        return report
+
