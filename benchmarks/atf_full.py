@@ -34,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--tuning", action="store_true", help="run the validation study of the defaults instead")
     p.add_argument("--methods", nargs="+", help="only these methods of the study")
+    p.add_argument("--out", type=Path, help="results file (default benchmarks/results/atf_full.json, "
+                                            "--tuning: atf_full_tuning.json)")
     p.add_argument("overrides", nargs="*", help="overrides of the study (e.g. seeds=[0,1])")
     args = p.parse_args(argv)
-    out = ROOT / "benchmarks" / "results" / ("atf_full_tuning.json" if args.tuning else "atf_full.json")
+    out = args.out or ROOT / "benchmarks" / "results" / ("atf_full_tuning.json" if args.tuning else "atf_full.json")
     study = Path("benchmarks/studies/tuning/atf_full_digits.yaml" if args.tuning else
                  "benchmarks/studies/atf_full_digits.yaml")
     command = shlex.join(["python", "benchmarks/atf_full.py", *(sys.argv[1:] if argv is None else argv)])
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher = train_teacher(manifest, args.digits_root / "teachers", "resnet20")
     overrides = [f"data.root={manifest}", f"teachers.0.checkpoint={teacher}"] + args.overrides
     result = compare(study, overrides, args.jobs, None, command, methods=args.methods)
-    atomic_write_json(out, {"revision": code_revision()["commit"], "command": command,
+    # the revision the runs were measured with (the study records it when it starts)
+    atomic_write_json(out, {"revision": result.get("revision") or code_revision()["commit"], "command": command,
                             "studies": {"digits": result}})
     return 0
 

@@ -174,7 +174,8 @@ def test_lr_schedule_shapes():
     ("auto", True, [], "bf16"),
     ("auto", False, [], "fp32"),
     ("auto", True, ["method={name: kd, standardize: true}"], "fp32"),  # Z() of tied bf16 logits
-    ("auto", True, ["method={name: atf}"], "fp32"),  # ATF standardises by default
+    ("auto", True, ["method={name: atf, standardize: true}"], "fp32"),  # ATF standardising (CIFAR-100 preset)
+    ("auto", True, ["method={name: atf}"], "bf16"),  # ATF at its defaults (kd student loss) does not
     ("fp32", True, [], "fp32"),
     ("bf16", False, ["method={name: atf}"], "bf16"),  # asked for: honoured
 ])

@@ -20,11 +20,17 @@ STATS = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 VAL = ToyViews(16, seed=1, augment=False)
 
 
+#: the toy teachers (ToyNet) have no stage view, so the whole teacher adapts; the student loss is the
+#: standardised alpha-divergence (the CIFAR-100 preset's, the class defaults before issue 23)
+FORMER = ["method.adapt=all", "method.lam=1", "method.temperature=2", "method.standardize=true",
+          "method.kd_weight=9", "method.divergence.kind=alpha", "method.divergence.alpha=0.5"]
+
+
 def make_cfg(tmp_path, *extra):
     return load_config(None, [f"output.dir={tmp_path}", "output.name=run", "output.tensorboard=false",
                               "trainer.progress=false", "trainer.epochs=2", "data.batch_size=8",
                               "optimizer.lr=0.1", "schedule.name=constant", "method.name=atf",
-                              "method.warmup_epochs=0", *extra])
+                              "method.warmup_epochs=0", *FORMER, *extra])
 
 
 def predict_val(fn):
@@ -107,7 +113,7 @@ def test_alpha_one_equals_kl(tmp_path):
                            reduction="batchmean")
     assert kl["kd"].item() == pytest.approx(by_hand.item(), rel=1e-6)
     for key in ("kd", "teacher_kd", "student_loss", "teacher_loss"):
-        assert alpha[key].item() == pytest.approx(kl[key].item(), rel=1e-6), key
+        assert alpha[key].item() == pytest.approx(kl[key].item(), rel=1e-6, abs=1e-5), key
 
 
 def test_theta0_is_a_fixed_buffer_copy_and_the_drift_term_is_exact(tmp_path):
@@ -130,7 +136,7 @@ def test_theta0_is_a_fixed_buffer_copy_and_the_drift_term_is_exact(tmp_path):
 
 def test_atf_with_lam_mu_ratio_zero_equals_offline_kd_after_training(tmp_path):
     offline = fit(cfg := make_cfg(tmp_path / "a", "method.mode=offline"), make_method(cfg))
-    zero = make_cfg(tmp_path / "b", "method.lam=0", "method.mu=0", "method.lr_ratio=0")
+    zero = make_cfg(tmp_path / "b", "method.lam=0", "method.mu=0", "method.lr_ratio=0", "method.teacher_bn=eval")
     atf = make_method(zero)
     before = teacher_state(atf)
     fit(zero, atf)
@@ -353,7 +359,7 @@ def make_staged_method(cfg, seed=1):
 
 
 def test_head_probe_scores_the_teacher_as_a_validation_pass_does(tmp_path):
-    cfg = make_cfg(tmp_path, "method.guard=0.01", "method.adapt=head")
+    cfg = make_cfg(tmp_path, "method.guard=0.01", "method.adapt=head", "method.teacher_bn=eval")
     method = make_staged_method(cfg).eval()
     teacher = method.teachers[0]
     assert method.probe_views[0] is not None and method.val_features0.shape == (16, 64, 2, 2)
@@ -366,12 +372,12 @@ def test_head_probe_scores_the_teacher_as_a_validation_pass_does(tmp_path):
     assert row["guard"]["scored_from"] == "cached head features"
     # no probe when more than the head adapts or BN trains
     for extra in ("method.adapt=last_stage", "method.teacher_bn=train"):
-        other = make_staged_method(make_cfg(tmp_path, "method.guard=0.01", "method.adapt=head", extra))
+        other = make_staged_method(make_cfg(tmp_path, "method.guard=0.01", "method.adapt=head", "method.teacher_bn=eval", extra))
         assert other.probe_views[0] is None and other.val_features0 is None
 
 
 def test_guard_every_checks_after_every_n_teacher_updates(tmp_path, monkeypatch):
-    cfg = make_cfg(tmp_path, "method.guard=0.5", "method.guard_every=2", "method.adapt=head",
+    cfg = make_cfg(tmp_path, "method.guard=0.5", "method.guard_every=2", "method.adapt=head", "method.teacher_bn=eval",
                    "method.warmup_steps=3", "trainer.eval_every_steps=1000")
     method = make_staged_method(cfg)
     checks = []

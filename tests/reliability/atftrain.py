@@ -37,7 +37,7 @@ def main() -> None:
     cfg = load_config(None, [f"output.dir={a.run_dir.parent}", f"output.name={a.run_dir.name}",
                              "output.tensorboard=false", "trainer.epochs=2", "trainer.progress=false",
                              "trainer.device=cpu", "trainer.precision=fp32", "data.batch_size=4", "optimizer.lr=0.1",
-                             "method.name=atf", "method.warmup_epochs=0", "method.teacher_bn=train",
+                             "method.name=atf", "method.warmup_epochs=0", "method.teacher_bn=train", "method.adapt=all",
                              "method.lr_ratio=1", "method.guard=0.0", "method.guard_every=2",
                              "method.collapse_window=3", "trainer.eval_every_steps=2"])
     val = ToyViews(16, seed=1, augment=False)
