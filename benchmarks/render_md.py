@@ -207,8 +207,9 @@ def graft_verdicts(d: dict[str, Any]) -> list[str]:
     against the best non-grafting method (margin and both sds) and its paired Δ to the baseline."""
     diffs = {(x["method"], x["shots"]): x for x in d["differences"] if x["metric"] == "accuracy"}
     out = []
-    for shots in sorted({r["shots"] for r in d["rows"]}, key=str):
-        r = {x["method"]: x for x in d["rows"] if x["shots"] == shots and x["mean"] is not None}
+    for shots in sorted({r["shots"] for r in d["rows"] if not r.get("reference")}, key=lambda v: (v is None, v or 0)):
+        r = {x["method"]: x for x in d["rows"]
+             if x["shots"] == shots and x["mean"] is not None and not x.get("reference")}
         others = [m for m in r if not m.startswith("graft")]
         if not others:
             continue
@@ -222,7 +223,7 @@ def graft_verdicts(d: dict[str, Any]) -> list[str]:
                   if x else "")
             out.append(f"- {shots} shots: {g} {pct(r[g]['mean'], r[g]['sd'])} {verdict} against the best other method, "
                        f"{best} {pct(r[best]['mean'], r[best]['sd'])} ({100 * margin:+.1f} points{ci}).")
-    steps = {str(x["steps"]) for x in d["rows"]}
+    steps = {str(x["steps"]) for x in d["rows"] if not x.get("reference")}
     out.append(f"- every row has the same steps ({', '.join(sorted(steps))}): {'yes' if len(steps) == 1 else 'NO'}.")
     return out
 
@@ -410,7 +411,11 @@ def section_vs_torchdistill(d: dict[str, Any]) -> str:
         "", f"Targets: graftkd live at least as fast, like for like in fp32 "
             f"({'met' if d['ratio_fp32'] >= 1 else 'NOT met'}: {d['ratio_fp32']:.2f}x; with its best settings "
             f"{d['ratio_live']:.2f}x), cached at least 2x ({'met' if d['ratio_cached'] >= 2 else 'NOT met'}). "
-            "Each ratio is the median of per-round ratios.",
+            "Each ratio is the median of per-round ratios"
+            + (" (fp32 per round: " + ", ".join(f"{g / t:.2f}" for g, t in zip(c["img_s_per_round"]["gk_fp32"],
+                                                                                c["img_s_per_round"]["td_fp32"]))
+               + f"; 1-minute load average {c['load_average_1min']['min']:.1f} to {c['load_average_1min']['max']:.1f} "
+                 "on the 2 cores)" if "gk_fp32" in c.get("img_s_per_round", {}) else "") + ".",
     ])
 
 

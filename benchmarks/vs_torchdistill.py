@@ -422,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     from graftkd.study import code_revision
 
     command = ("python benchmarks/vs_torchdistill.py " + shlex.join(raw_argv)).strip()
+    revision = code_revision()["commit"]  # now: the source the workers are about to import
     print(f"$ {command}", flush=True)
     import torch
     import torchvision
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios_vs_torchdistill": {n: ratio(n, "td_fp32") for n in med if n.startswith("gk_") and n != "gk_data"},
         "data_pipeline_ratio": ratio("gk_data", "td_data"),
         "context": {
-            "command": command, "revision": code_revision()["commit"], "torchdistill": td_version, "torch": torch.__version__,
+            "command": command, "revision": revision, "torchdistill": td_version, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "python": platform.python_version(),
             "teacher": TEACHER, "student": STUDENT, "num_classes": NUM_CLASSES,
             "train_images": args.train_images, "batch_size": args.batch_size, "threads": args.threads,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graftkd.config import ExperimentConfig, config_to_yaml
+from graftkd.config import ExperimentConfig, config_to_yaml, validate_config
 from graftkd.data.stain import STAIN_FILE, STAIN_KEY
 from graftkd.distributed import DistContext, init_distributed
 from graftkd.engine.trainer import Trainer
@@ -217,11 +217,26 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, list], dict[str, list]]:
-    """(refused, allowed) changes between two resolved configs: key -> [saved value, new value]."""
+#: how a key that one of two configs lacks is shown and recorded
+NOT_A_KEY = "(not a key then)"
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any],
+                   defaults: dict[str, Any] | None = None) -> tuple[dict[str, list], dict[str, list]]:
+    """(refused, allowed) changes between two resolved configs: key -> [saved value, new value].
+    Allowed: ``RESUME_FREE`` keys; a key the saved config lacks whose value is its default
+    (``defaults``: the flattened default config; a key added to graftkd since the run started); a
+    key the schema no longer has."""
     a, b = flatten(saved), flatten(now)
-    changed = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k, ...) != b.get(k, ...)}
-    allowed = {k: v for k, v in changed.items() if k in RESUME_FREE}
+    changed = {k: [a.get(k, NOT_A_KEY), b.get(k, NOT_A_KEY)] for k in sorted(set(a) | set(b))
+               if a.get(k, NOT_A_KEY) != b.get(k, NOT_A_KEY)}
+    flat_defaults = flatten(defaults) if defaults is not None else {}
+
+    def free(k: str, v: list) -> bool:
+        return (k in RESUME_FREE or k not in b
+                or (k not in a and k in flat_defaults and v[1] == flat_defaults[k]))
+
+    allowed = {k: v for k, v in changed.items() if free(k, v)}
     return {k: v for k, v in changed.items() if k not in allowed}, allowed
 
 
@@ -241,8 +256,9 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
 
 def check_resume_config(cfg: ExperimentConfig, run_dir: Path) -> dict[str, list]:
     """Resuming continues the saved run: a resolved config that differs from its ``config.yaml`` is
-    refused, naming the keys, except ``RESUME_FREE`` keys (returned, to be recorded)."""
-    refused, allowed = config_changes(saved_config(run_dir), cfg.model_dump(mode="json"))
+    refused, naming the keys, except the free ones of ``config_changes`` (returned, to be recorded)."""
+    defaults = validate_config({"method": {"name": cfg.method.name}}).model_dump(mode="json")
+    refused, allowed = config_changes(saved_config(run_dir), cfg.model_dump(mode="json"), defaults)
     if refused:
         shown = ", ".join(f"{k} ({_short(v[0])} -> {_short(v[1])})" for k, v in list(refused.items())[:6])
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
@@ -252,7 +268,7 @@ def check_resume_config(cfg: ExperimentConfig, run_dir: Path) -> dict[str, list]
 
 
 def _short(v: Any) -> str:
-    text = "unset" if v is ... else repr(v)
+    text = v if v == NOT_A_KEY else repr(v)
     return text if len(text) <= 40 else text[:37] + "..."
 
 

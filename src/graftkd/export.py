@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from graftkd.files import atomic_write_bytes, atomic_write_json, default_file_mode
+from graftkd.files import FolderLock, atomic_write_bytes, atomic_write_json, default_file_mode
 from graftkd.errors import UserError
 
 FORMATS = ("safetensors", "onnx")
@@ -172,6 +172,12 @@ def export_model(run_or_model: str | Path, formats: Sequence[str] = FORMATS, out
     out = Path(out_dir) if out_dir is not None else run_dir
     card = build_card(meta, model, run_dir)
     hw = image_hw(meta["image_size"])
+    with FolderLock(out):  # one writer: not into a run folder a run is still writing
+        return _export_into(model, formats, out, card, hw, exporter)
+
+
+def _export_into(model: nn.Module, formats: Sequence[str], out: Path, card: dict[str, Any], hw: Any,
+                 exporter: str) -> dict[str, Path]:
     files: dict[str, str] = {}
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ def test_kd_mt_kd_and_graft_learn_from_the_unlabelled_rest(tmp_path, teacher):
     for name, extra in runs.items():
         base = _base(tmp_path, **data)
         if name == "graft":
-            base["trainer"]["steps"] = 8  # 4 stage-1 and 3 stage-2 phases
+            base["trainer"]["steps"] = 12  # a step for each stage-1 and stage-2 phase
         run = execute(validate_config({**base, **extra, "name": name, "model": {"name": "resnet8"}}))
         m = json.loads((run / "metrics.json").read_text())
         u = m["data"]["unlabeled"]

@@ -341,3 +341,35 @@ def test_runs_made_before_marks_count_only_with_both_graftkd_signatures(tmp_path
     assert folder_kind(old) == "run"
     (old / "config.yaml").write_text("name: a config of the user's\n")
     assert folder_kind(old) is None  # a graftkd checkpoint alone is not enough
+
+
+def test_a_key_added_to_graftkd_since_the_run_started_is_recorded_at_its_default(finished, capsys) -> None:
+    """A run saved before ``data.max_pixels`` existed resumes when the key has its default (recorded),
+    and is refused when the key is set to something else."""
+    import json
+
+    run_dir, args = finished
+    config = (run_dir / "config.yaml").read_bytes()
+    older = b"".join(line for line in config.splitlines(keepends=True) if b"max_pixels" not in line)
+    assert older != config
+    (run_dir / "config.yaml").write_bytes(older)
+    try:
+        rc = main(["train", *args, "data.max_pixels=1000000", "--resume"])
+        assert_one_line_error(rc, capsys.readouterr().err, "data.max_pixels ((not a key then) -> 1000000)")
+        assert main(["train", *args, "--resume"]) == 0
+        assert (run_dir / "config.yaml").read_bytes() == older
+        changed = json.loads((run_dir / "resumes.json").read_text())[-1]["changed"]
+        assert changed == {"data.max_pixels": {"saved": "(not a key then)", "now": 89_478_485}}
+    finally:
+        (run_dir / "config.yaml").write_bytes(config)
+
+
+def test_evaluate_and_export_wait_for_no_one_but_never_write_a_folder_a_run_holds(finished, capsys) -> None:
+    run_dir, _ = finished
+    before = tree_state(run_dir)
+    with FolderLock(run_dir):  # a run writing its folder
+        for argv in (["evaluate", str(run_dir)], ["export", str(run_dir), "--format", "safetensors"]):
+            rc = main(argv)
+            assert_one_line_error(rc, capsys.readouterr().err, f"run folder {run_dir} is being written by another "
+                                                               f"graftkd process (PID {os.getpid()})")
+    assert tree_state(run_dir) == before

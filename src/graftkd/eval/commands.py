@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,10 @@ def evaluate(target: Path, config: Path | None = None, overrides: list[str] | tu
         metrics[split] = {"split": split, "checkpoint": str(model_path), **result}
     if latency:
         metrics["latency"] = _latency_entry(cfg, model.cpu(), len(data.classes), repeats)
-    atomic_write_json(metrics_path, metrics)
+    from graftkd.files import FolderLock
+
+    with FolderLock(target) if is_run else contextlib.nullcontext():  # not while a run is writing its folder
+        atomic_write_json(metrics_path, metrics)
     return metrics_path, metrics
 
 
