@@ -207,8 +207,9 @@ def graft_verdicts(d: dict[str, Any]) -> list[str]:
     against the best non-grafting method (margin and both sds) and its paired Δ to the baseline."""
     diffs = {(x["method"], x["shots"]): x for x in d["differences"] if x["metric"] == "accuracy"}
     out = []
-    for shots in sorted({r["shots"] for r in d["rows"]}, key=str):
-        r = {x["method"]: x for x in d["rows"] if x["shots"] == shots and x["mean"] is not None}
+    for shots in sorted({r["shots"] for r in d["rows"] if not r.get("reference")}, key=lambda v: (v is None, v or 0)):
+        r = {x["method"]: x for x in d["rows"]
+             if x["shots"] == shots and x["mean"] is not None and not x.get("reference")}
         others = [m for m in r if not m.startswith("graft")]
         if not others:
             continue
@@ -222,7 +223,7 @@ def graft_verdicts(d: dict[str, Any]) -> list[str]:
                   if x else "")
             out.append(f"- {shots} shots: {g} {pct(r[g]['mean'], r[g]['sd'])} {verdict} against the best other method, "
                        f"{best} {pct(r[best]['mean'], r[best]['sd'])} ({100 * margin:+.1f} points{ci}).")
-    steps = {str(x["steps"]) for x in d["rows"]}
+    steps = {str(x["steps"]) for x in d["rows"] if not x.get("reference")}
     out.append(f"- every row has the same steps ({', '.join(sorted(steps))}): {'yes' if len(steps) == 1 else 'NO'}.")
     return out
 
