@@ -646,7 +646,9 @@ def section_fewshot_unlabeled(d: dict[str, Any]) -> str:
            "test accuracy minus the student's mean (smaller is closer to the teachers). Synthetic histology was "
            "not run: the session's CPU budget covered one data set fully"
            + ("" if len(d["shots"]) > 1 else f", and only {d['shots'][0]} labelled images per class of the study's "
-              "5 and 10 (the shared CPU)") + ".", ""]
+              "5 and 10 (the shared CPU)") + f". Every run has {d['steps']} optimiser steps (the shared CPU's budget): "
+           "the students are far from converged, so the rows compare the transfer set at a small budget, "
+           "not final accuracies.", ""]
     for shots in d["shots"]:
         r = _rows(d, shots)
         teachers = [x for name, x in r.items() if name.startswith("teacher_")]
