@@ -141,7 +141,7 @@ def study_table(d: dict[str, Any]) -> str:
             rows.append([r["method"], r["shots"], "all runs failed"] + [""] * (len(head) - 3))
             continue
         ref = r.get("reference")
-        row = [r["method"] + (" (reference)" if ref else ""), r["shots"],
+        row = [r["method"] + (" (reference)" if ref else ""), "all" if r["shots"] is None else r["shots"],
                f"{100 * r['mean']:.1f}" if ref else pct(r["mean"], r["sd"]),
                "" if ref else ", ".join(f"{100 * v:.1f}" for v in r["values"]), delta(r, "accuracy")]
         if grouped:
