@@ -86,3 +86,19 @@ def test_resolved_dump_round_trips(tmp_path):
     again = validate_config(yaml.safe_load(config_to_yaml(cfg)))
     assert again == cfg
     assert isinstance(again, ExperimentConfig)
+
+
+def test_a_resolved_config_reloads_to_the_same_config_for_every_method():
+    """The run folder's config.yaml (and a study's job file) is the resolved config: validating it again
+    must give the same config, also when the run's length is trainer.steps (a method's epoch defaults
+    are cleared then, not left to contradict the budget)."""
+    import yaml
+
+    import graftkd.methods  # noqa: F401  registers every method
+    from graftkd.config import METHOD_CONFIGS, config_to_yaml, validate_config
+
+    for name in METHOD_CONFIGS:
+        for trainer in ({}, {"steps": 37, "epochs": None}):
+            cfg = validate_config({"trainer": trainer, "method": {"name": name}})
+            again = validate_config(yaml.safe_load(config_to_yaml(cfg)))
+            assert again == cfg, (name, trainer)

@@ -228,6 +228,13 @@ class MethodConfig(Strict):
 
     name: str
 
+    @classmethod
+    def with_run_steps(cls, section: dict) -> dict:
+        """Before-validation of the raw ``method:`` section of a run whose length is ``trainer.steps``:
+        clear the defaults of lengths given in epochs (as ``steps_replace_epochs`` does within a
+        section), so the resolved config says what the run does and reloads to the same run."""
+        return section
+
 
 class WarmupInSteps(BaseModel):
     """Mixin of method sections with ``warmup_epochs`` and ``warmup_steps`` (an int | None field each,
@@ -371,6 +378,17 @@ class ExperimentConfig(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     trainer: TrainerConfig = TrainerConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_lengths_in_steps(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        trainer, method = data.get("trainer"), data.get("method")
+        if (isinstance(trainer, dict) and trainer.get("steps") is not None and isinstance(method, dict)
+                and isinstance(method.get("name"), str) and method["name"] in METHOD_CONFIGS):
+            return {**data, "method": METHOD_CONFIGS.get(method["name"]).with_run_steps(method)}
+        return data
 
     @field_validator("name")
     @classmethod

@@ -259,7 +259,7 @@ def test_end_to_end_graft_run_on_synthetic(tmp_path):
     assert metrics["steps"] == 11 and metrics["phase_steps"] == {
         "stage1_stem": 1, "stage1_layer1": 1, "stage1_layer2": 1, "stage1_layer3": 1, "stage1_head": 2,
         "stage2_to_layer1": 1, "stage2_to_layer2": 1, "stage2_to_layer3": 1, "stage2_to_head": 2}
-    both = steps.model_copy(update={"method": GraftMethod(**method, stage1={"epochs": [1]})})
+    both = validate_config({**steps.model_dump(mode="json"), "method": {**method, "stage1": {"epochs": [1]}}})
     with pytest.raises(UserError, match=r"trainer.steps = 11 and method.stage1.epochs = \[1\]: give grafting's length"):
         execute(both, overwrite=True)
 

@@ -90,6 +90,17 @@ class GraftMethod(MethodConfig):
     host teacher one by one (stage 1), then progressively chained (stage 2), then bridges folded."""
 
     name: Literal["graft"] = "graft"
+
+    @classmethod
+    def with_run_steps(cls, section: dict) -> dict:
+        """With ``trainer.steps`` the stage lengths come from the budget: the stage epochs' defaults are
+        cleared (null), epochs given explicitly stay and are refused by the factory."""
+        out = dict(section)
+        for key in ("stage1", "stage2"):
+            stage = out.get(key, {})
+            if isinstance(stage, dict) and "epochs" not in stage:
+                out[key] = {**stage, "epochs": None}
+        return out
     target: Literal["host", "fused", "label"] = Field(
         "fused", description="host: NetGraft normalised-logit MSE to the host's logits; fused: the fused "
                              "multi-teacher target (`fusion`), matched as `fused_loss` says; label: cross-entropy (ablation)")
@@ -547,7 +558,7 @@ def build_graft(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: A
                         f"stores only those; set teacher_cache.enabled=false")
     if cfg.trainer.steps is not None:
         given = [f"method.stage{k}.epochs = {stage.epochs}" for k, stage in ((1, opts.stage1), (2, opts.stage2))
-                 if "epochs" in stage.model_fields_set and stage.epochs is not None]
+                 if stage.epochs is not None]
         if given:
             raise UserError(f"trainer.steps = {cfg.trainer.steps} and {' and '.join(given)}: give grafting's length in "
                             f"steps (split by method.stage1_share) or in stage epochs, not both (set those to null)")
