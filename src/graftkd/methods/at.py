@@ -16,7 +16,6 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from graftkd.config import ExperimentConfig, MethodConfig
-from graftkd.losses import kd_loss_from_probs
 from graftkd.methods.base import METHODS, StepContext
 from graftkd.methods.features import FeatureMethod
 from graftkd.teachers.targets import build_teacher_targets
@@ -58,16 +57,7 @@ class AT(FeatureMethod):
         terms = [sum((at_loss(maps[s], t_maps[t], self.m.p) for t, s in layers), torch.zeros((), device=x.device))
                  for layers, (t_maps, _) in zip(self.layers, teachers)]
         att = torch.stack(terms).mean()
-        ce = F.cross_entropy(logits.float(), y)
-        out = {"at": att, "ce": ce}
-        loss = self.m.ce_weight * ce + self.m.feat_weight * att
-        if self.m.kd_weight > 0:
-            out["kd"] = kd_loss_from_probs(logits.float(), self.fused_target([z for _, z in teachers], y,
-                                                                             self.m.temperature), self.m.temperature)
-            loss = loss + self.m.kd_weight * out["kd"]
-        out["loss"] = loss
-        out["acc"] = (logits.argmax(1) == y).float().mean()
-        return out
+        return self.feature_losses("at", att, logits, y, [z for _, z in teachers], self.m)
 
 
 @METHODS.register("at", config=ATMethod)

@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graftkd.config import ExperimentConfig
 from graftkd.errors import UserError
 from graftkd.methods.base import Method, Phase, single_phase
+from graftkd.losses import kd_loss_from_probs
 from graftkd.methods.graft import shared_boundaries
 from graftkd.models import count_params
 from graftkd.models.staged import StagedModel
@@ -32,6 +34,14 @@ def pick(pairs: list[tuple[int, int]], index: int, what: str, label: str) -> tup
     if not -len(pairs) <= index < len(pairs):
         raise UserError(f"{what} = {index}, but {label} share only {len(pairs)} boundaries (index from 0, or negative)")
     return pairs[index]
+
+
+def chosen_teacher(index: int | None, targets: TeacherTargets) -> int:
+    """``method.teacher`` checked against the teachers there are; None: the best on validation."""
+    k = len(targets.ensemble)
+    if index is not None and index >= k:
+        raise UserError(f"method.teacher = {index} but there are only {k} teachers")
+    return index if index is not None else int(targets.ensemble.val_acc.argmax())
 
 
 class FeatureMethod(Method):
@@ -59,6 +69,21 @@ class FeatureMethod(Method):
         """``sum_k w_k softmax(z_k / T)`` from logits already computed (the ensemble's fusion rule)."""
         z = torch.stack([t.float() for t in logits])
         return fusion.fuse(z, self.targets.ensemble.weights(z, y), temperature, False)
+
+    def feature_losses(self, name: str, feature: Tensor, logits: Tensor, y: Tensor, teacher_logits: list[Tensor],
+                       opts: Any) -> dict[str, Tensor]:
+        """The step's named terms: ``ce_weight * CE + feat_weight * feature`` (logged as ``name``), plus
+        ``kd_weight * KD`` to the fused target of ``teacher_logits`` when kd_weight > 0."""
+        ce = F.cross_entropy(logits.float(), y)
+        out = {name: feature, "ce": ce}
+        loss = opts.ce_weight * ce + opts.feat_weight * feature
+        if opts.kd_weight > 0:
+            out["kd"] = kd_loss_from_probs(logits.float(), self.fused_target(teacher_logits, y, opts.temperature),
+                                           opts.temperature)
+            loss = loss + opts.kd_weight * out["kd"]
+        out["loss"] = loss
+        out["acc"] = (logits.argmax(1) == y).float().mean()
+        return out
 
     def phases(self) -> list[Phase]:
         return single_phase(self.cfg, [p for p in self.parameters() if p.requires_grad])

@@ -16,7 +16,6 @@ from pydantic import Field
 from torch import nn
 
 from graftkd.config import ExperimentConfig, MethodConfig
-from graftkd.losses import kd_loss_from_probs
 from graftkd.methods.base import METHODS, StepContext
 from graftkd.methods.features import FeatureMethod, conv_regressor, pick
 from graftkd.teachers.targets import build_teacher_targets
@@ -50,16 +49,7 @@ class FitNet(FeatureMethod):
         teachers = self.teacher_outputs(x)
         hint = torch.stack([F.mse_loss(r(maps[s]).float(), t_maps[t].float())
                             for r, (t, s), (t_maps, _) in zip(self.regressors, self.hints, teachers)]).mean()
-        ce = F.cross_entropy(logits.float(), y)
-        out = {"hint": hint, "ce": ce}
-        loss = self.m.ce_weight * ce + self.m.feat_weight * hint
-        if self.m.kd_weight > 0:
-            out["kd"] = kd_loss_from_probs(logits.float(), self.fused_target([z for _, z in teachers], y,
-                                                                             self.m.temperature), self.m.temperature)
-            loss = loss + self.m.kd_weight * out["kd"]
-        out["loss"] = loss
-        out["acc"] = (logits.argmax(1) == y).float().mean()
-        return out
+        return self.feature_losses("hint", hint, logits, y, [z for _, z in teachers], self.m)
 
 
 @METHODS.register("fitnet", config=FitNetMethod)

@@ -31,7 +31,7 @@ from graftkd.config import ExperimentConfig, MethodConfig, OptimizerConfig, Sche
 from graftkd.errors import UserError
 from graftkd.losses import kd_loss_from_probs
 from graftkd.methods.base import METHODS, OptimSpec, Phase, StepContext
-from graftkd.methods.features import FeatureMethod
+from graftkd.methods.features import FeatureMethod, chosen_teacher
 from graftkd.models.staged import StagedModel, fold_into_convs, fold_into_linear, make_bridge
 from graftkd.teachers.targets import build_teacher_targets
 
@@ -171,8 +171,5 @@ def build_fskd(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: An
     m = cfg.method
     assert isinstance(m, FSKDMethod)
     targets = build_teacher_targets(cfg, data, run_dir, device, dist, m.temperature, False)
-    k = len(targets.ensemble)
-    if m.teacher is not None and m.teacher >= k:
-        raise UserError(f"method.teacher = {m.teacher} but there are only {k} teachers")
-    teacher = m.teacher if m.teacher is not None else int(targets.ensemble.val_acc.argmax())
+    teacher = chosen_teacher(m.teacher, targets)
     return FSKD(cfg, build_student().to(device), targets, data.image_size, cfg.model.name, teacher)

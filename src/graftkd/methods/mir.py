@@ -27,7 +27,7 @@ from graftkd.config import ExperimentConfig, MethodConfig
 from graftkd.errors import UserError
 from graftkd.losses import kd_loss_from_probs
 from graftkd.methods.base import METHODS, Phase, StepContext, single_phase
-from graftkd.methods.features import FeatureMethod
+from graftkd.methods.features import FeatureMethod, chosen_teacher
 from graftkd.models.staged import StagedModel
 from graftkd.teachers.targets import build_teacher_targets
 
@@ -147,8 +147,5 @@ def build_mir(cfg: ExperimentConfig, data: Any, build_student: Any, run_dir: Any
     m = cfg.method
     assert isinstance(m, MiRMethod)
     targets = build_teacher_targets(cfg, data, run_dir, device, dist, m.temperature, False)
-    k = len(targets.ensemble)
-    if m.teacher is not None and m.teacher >= k:
-        raise UserError(f"method.teacher = {m.teacher} but there are only {k} teachers")
-    teacher = m.teacher if m.teacher is not None else int(targets.ensemble.val_acc.argmax())
+    teacher = chosen_teacher(m.teacher, targets)
     return MiR(cfg, build_student().to(device), targets, data.image_size, cfg.model.name, teacher)
