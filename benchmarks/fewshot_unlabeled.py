@@ -74,12 +74,13 @@ def prepare_histology_study(root: Path) -> list[str]:
         f"teachers.{k}.checkpoint={root / 'teachers' / f'teacher_{arch}' / 'model.pt'}" for k, arch in enumerate(TEACHERS)]
 
 
-def budget_curves(probe: Path) -> dict:
+def budget_curves(probe: Path, dataset: str) -> dict:
     """The validation curves (step, val_acc) of a finished budget probe's runs (a compare results JSON
     of the same study at a longer budget), with the probe's command, revision and steps."""
     import csv
 
     d = json.loads(probe.read_text())
+    d = d["studies"][dataset] if "studies" in d else d  # this script's results file, or compare's
     curves = {}
     for row in d["rows"]:
         for seed, run in zip(row.get("seeds", []), row.get("runs", [])):
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     merged = json.loads(args.results.read_text()) if args.results.is_file() else {}
     studies = merged.get("studies", {}) if isinstance(merged.get("studies"), dict) else {}
     if args.budget_from is not None:
-        result["budget_probe"] = budget_curves(args.budget_from)
+        result["budget_probe"] = budget_curves(args.budget_from, args.dataset)
     elif "budget_probe" in studies.get(args.dataset, {}):
         result["budget_probe"] = studies[args.dataset]["budget_probe"]
     studies[args.dataset] = result
