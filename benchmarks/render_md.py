@@ -636,11 +636,7 @@ def section_stain(d: dict[str, Any]) -> str:
         f"Checks: {len(variants)} variants; every row has {', '.join(map(str, sorted(per_row)))} per-seed values; "
         f"every run {', '.join(sorted(steps))} optimiser steps.", "",
         "All rows, paired differences to `teacher_none` (bootstrap over seeds and test patients). "
-        + study_caption(d)
-        + (f" The KD rows come from a later run (revision `{d['kd_rows']['revision'][:12]}`, {d['kd_rows']['steps']} "
-           f"steps, seeds {', '.join(map(str, d['kd_rows']['seeds']))}, command `{d['kd_rows']['command']}`; "
-           f"teachers: {d['kd_rows']['teachers']}); their Δ is to `{d['kd_rows']['baseline'] or 'kd_none'}`."
-           if d.get("kd_rows") else ""), "",
+        + study_caption(d), "",
         study_table(d),
     ] + ([section_stain_macenko(load("stain_macenko"))] if load("stain_macenko") else []))
 
