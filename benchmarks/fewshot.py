@@ -31,14 +31,14 @@ def histology_overrides(root: Path) -> list[str]:
         f"teachers.{k}.checkpoint={root / 'teachers' / f'teacher_{arch}' / 'model.pt'}" for k, arch in enumerate(TEACHERS)]
 
 
-def train_teachers(root: Path, study: Path = STUDY, epochs: int = 15) -> None:
-    """Supervised teachers on the whole training split of the study's data, selected on validation."""
+def train_teachers(root: Path, study: Path = STUDY, epochs: int = 15, archs: tuple[str, ...] = TEACHERS) -> None:
+    """Supervised teachers ``archs`` on the whole training split of the study's data, selected on validation."""
     from graftkd.config import deep_merge, validate_config
     from graftkd.experiment import execute
 
     data = {**yaml.safe_load(study.read_text())["data"], "root": str(root / "data"), "batch_size": 64}
     torch.set_num_threads(1)
-    for arch in TEACHERS:
+    for arch in archs:
         out = root / "teachers"
         if (out / f"teacher_{arch}" / "model.pt").is_file():
             continue

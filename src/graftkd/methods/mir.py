@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from graftkd.config import ExperimentConfig, MethodConfig
 from graftkd.errors import UserError
 from graftkd.losses import kd_loss_from_probs
-from graftkd.methods.base import METHODS, Phase, StepContext, single_phase
+from graftkd.methods.base import METHODS, Phase, StepContext, labelled_acc, labelled_ce, single_phase
 from graftkd.methods.features import FeatureMethod, chosen_teacher
 from graftkd.models.staged import StagedModel
 from graftkd.teachers.targets import build_teacher_targets
@@ -137,13 +137,13 @@ class MiR(FeatureMethod):
         out = {"mimic": mse}
         loss = self.m.feat_weight * mse
         if self.m.ce_weight > 0:
-            out["ce"] = F.cross_entropy(logits.float(), y)
+            out["ce"] = labelled_ce(logits.float(), y)
             loss = loss + self.m.ce_weight * out["ce"]
         if self.m.kd_weight > 0:
             out["kd"] = kd_loss_from_probs(logits.float(), self.targets(batch), self.m.temperature)
             loss = loss + self.m.kd_weight * out["kd"]
         out["loss"] = loss
-        out["acc"] = (logits.argmax(1) == y).float().mean()
+        out["acc"] = labelled_acc(logits, y)
         return out
 
     def eval_logits(self, images: Tensor) -> Tensor:
