@@ -246,6 +246,26 @@ def section_fewshot_families(d: dict[str, Any]) -> str:
     ])
 
 
+def section_fewshot_families_tuning(d: dict[str, Any]) -> str:
+    """The presets of the families study, chosen on validation: each candidate's validation accuracy."""
+    rows = [r for r in d["rows"] if not r.get("reference")]
+    lines = ["| candidate | shots | validation accuracy % | per seed | steps |", "|---|---|---|---|---|"]
+    for r in rows:
+        vals = r["val"]["values"]
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        lines.append(f"| {r['method']} | {r['shots']} | {pct(statistics.mean(vals), sd)} | "
+                     f"{', '.join(f'{100 * v:.1f}' for v in vals)} | {r['steps']} |")
+    return "\n".join([
+        "### Presets of the families study, chosen on validation (issue 22)", "",
+        "`benchmarks/studies/tuning/fewshot_families.yaml`: the study's data, teachers and student on "
+        f"{seeds_text(d['seeds'])} (not a seed of the study), every run {d['steps']} optimiser steps; the score is the "
+        "validation accuracy of the validation-selected student (test accuracy not read). A: SGD lr 0.05 without "
+        "warm-up (the study's first preset); W: the same with a linear warm-up over the first 16 steps; L: lr 0.02 "
+        f"with that warm-up; mir_w: MiR (standardised targets) with feat_weight w. Code revision "
+        f"`{d['revision'][:12]}`. Command: `{d['command']}`.", "", *lines,
+    ])
+
+
 def section_fewshot(d: Any) -> str:
     if isinstance(d, list):  # older layout: a list of rows
         d = {"rows": [{**r, "values": r.get("values", [])} for r in d], "differences": [], "baseline": "-",
@@ -790,6 +810,7 @@ SECTIONS: list[tuple[str, Callable[[Any], str]]] = [
     ("stain", section_stain),
     ("fewshot_unlabeled", section_fewshot_unlabeled),
     ("fewshot_families", section_fewshot_families),
+    ("fewshot_families_tuning", section_fewshot_families_tuning),
 ]
 
 
