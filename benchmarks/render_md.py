@@ -734,6 +734,11 @@ def main() -> None:
     if tuning is not None:  # the ATF design study's table also lives in the method's page
         write_between_markers(ROOT / "docs" / "methods" / "atf.md", "atf_tuning",
                               section_atf_tuning(tuning).split("\n", 2)[2])
+    for name in ("atf_full", "atf_full_histology"):  # issue 23's full-label tables also live in ATF's page
+        data = load(name)
+        if data is not None:
+            write_between_markers(ROOT / "docs" / "methods" / "atf.md", name, "\n\n".join(
+                f"{study_caption(study)}\n\n{study_table(study)}" for study in data["studies"].values()))
     for name, render in (("graft_digits", section_graft_digits), ("graft_histology", section_graft_histology)):
         study = load(name)
         if study is not None:  # the design study's tables also live in the method's page
