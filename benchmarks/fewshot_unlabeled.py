@@ -74,6 +74,22 @@ def prepare_histology_study(root: Path) -> list[str]:
         f"teachers.{k}.checkpoint={root / 'teachers' / f'teacher_{arch}' / 'model.pt'}" for k, arch in enumerate(TEACHERS)]
 
 
+def budget_curves(probe: Path, dataset: str) -> dict:
+    """The validation curves (step, val_acc) of a finished budget probe's runs (a compare results JSON
+    of the same study at a longer budget), with the probe's command, revision and steps."""
+    import csv
+
+    d = json.loads(probe.read_text())
+    d = d["studies"][dataset] if "studies" in d else d  # this script's results file, or compare's
+    curves = {}
+    for row in d["rows"]:
+        for seed, run in zip(row.get("seeds", []), row.get("runs", [])):
+            with (Path(run) / "log.csv").open(newline="") as f:
+                points = [[int(r["val_step"]), float(r["val_acc"])] for r in csv.DictReader(f) if r.get("val_acc")]
+            curves[f"{row['method']}_{row['shots']}shot_s{seed}"] = points
+    return {"command": d["command"], "revision": d["revision"], "steps": d["steps"], "val_curves": curves}
+
+
 def main(argv: list[str] | None = None) -> int:
     from graftkd.files import atomic_write_json
     from graftkd.study import compare
@@ -84,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at once (1 thread each)")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--methods", nargs="+", help="only these methods of the study (the same runs)")
+    p.add_argument("--budget-from", type=Path, help="a finished compare results JSON of this study at a longer "
+                                                     "budget (the probe the step budget was chosen on): its "
+                                                     "validation curves are stored with the results")
     p.add_argument("overrides", nargs="*", help="overrides of the study (e.g. seeds=[0,1])")
     args = p.parse_args(argv)
     root = args.root or FOLDERS[args.dataset]
@@ -96,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(part.read_text())
     merged = json.loads(args.results.read_text()) if args.results.is_file() else {}
     studies = merged.get("studies", {}) if isinstance(merged.get("studies"), dict) else {}
+    if args.budget_from is not None:
+        result["budget_probe"] = budget_curves(args.budget_from, args.dataset)
+    elif "budget_probe" in studies.get(args.dataset, {}):
+        result["budget_probe"] = studies[args.dataset]["budget_probe"]
     studies[args.dataset] = result
     atomic_write_json(args.results, {"studies": dict(sorted(studies.items()))})
     return 0
