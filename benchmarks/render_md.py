@@ -806,7 +806,8 @@ def section_defaults_all_methods(d: dict[str, Any]) -> str:
         f"{st['batch']}, {seeds_text(d['seeds'])}. Accuracy of the final weights on the training and validation "
         f"splits, mean ± sd over seeds (and the lowest seed), for the student and every network the method adapts "
         f"and saves beside it; chance is {100 * st['chance']:.0f}%. Inputs a method has no default for: {required}. "
-        "The CI version (16 px, 200 steps, seed 0) is tests/methods/test_defaults_all_methods.py.", "",
+        "The CI version (16 px, 200 steps, seed 0) is tests/methods/test_defaults_all_methods.py."
+        + (f" Revision: {d['revision_note']}." if d.get("revision_note") else ""), "",
         table(["method", "config", "student train %", "student val %", "adapted networks %", "non-finite losses",
                "teachers stopped", "CPU s per run"], out), "",
         f"Lowest accuracy of any network on any split and seed: {100 * min(lowest):.1f}% "
