@@ -9,7 +9,7 @@ is refused without.
 
 The budget (200 steps at batch 16, 16 px, one validation at the end) separates a collapse from a
 working method by a wide margin: measured at this budget (seed 0) every method's student reached
-0.86-1.0 on both splits (at: 0.88 train, 0.86 val; mir 0.95, 0.94; the others 0.97-1.0), ATF's
+0.86-1.0 on both splits (at: 0.88 train, 0.86 val; the others 0.97-1.0), ATF's
 adapted teacher 1.0 and 0.98, DML's peer 1.0 and 0.97; a collapsed network is near chance (0.1).
 """
 from __future__ import annotations
