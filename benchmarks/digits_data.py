@@ -65,19 +65,23 @@ def data_overrides(manifest: Path) -> list[str]:
             "data.augment=cifar", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
 
 
-def train_teacher(manifest: Path, out: Path, arch: str, epochs: int = 30) -> Path:
-    """Supervised teacher on the full train split, selected on validation; returns its model.pt."""
+def train_teacher(manifest: Path, out: Path, arch: str, epochs: int = 30, steps: int | None = None,
+                  extra: list[str] | tuple[str, ...] = ()) -> Path:
+    """Supervised teacher on the full train split, selected on validation; returns its model.pt.
+    ``steps``: the run's length in optimiser steps instead of ``epochs``; ``extra``: further
+    overrides, applied last (e.g. a smaller ``data.image_size`` for the tests)."""
     from graftkd.config import load_config
     from graftkd.experiment import execute
 
     model = out / f"teacher_{arch}" / "model.pt"
     if model.is_file():
         return model
+    length = f"trainer.steps={steps}" if steps is not None else f"trainer.epochs={epochs}"
     cfg = load_config(None, data_overrides(manifest) + [
         "name=digits_teacher", "method={name: supervised}", f"model.name={arch}", "data.batch_size=64",
         "optimizer.name=sgd", "optimizer.lr=0.05", "optimizer.nesterov=true", "optimizer.weight_decay=5e-4",
-        "schedule.name=cosine", f"trainer.epochs={epochs}", "trainer.eval_every=1", "trainer.progress=false",
-        "output.tensorboard=false", f"output.dir={out}", f"output.name=teacher_{arch}"])
+        "schedule.name=cosine", length, "trainer.eval_every=1", "trainer.progress=false",
+        "output.tensorboard=false", f"output.dir={out}", f"output.name=teacher_{arch}", *extra])
     execute(cfg, overwrite=True)
     return model
 

@@ -32,7 +32,7 @@ def histology_overrides(root: Path) -> list[str]:
 
 
 def train_teachers(root: Path, study: Path = STUDY, epochs: int = 15, archs: tuple[str, ...] = TEACHERS) -> None:
-    """Supervised teachers (``archs``) on the whole training split of the study's data, selected on validation."""
+    """Supervised teachers ``archs`` on the whole training split of the study's data, selected on validation."""
     from graftkd.config import deep_merge, validate_config
     from graftkd.experiment import execute
 

@@ -112,3 +112,67 @@ def test_histology_run_with_stain_jitter_and_macenko_trains_exports_and_predicts
     for source in (run / "model.pt", tmp_path / "export"):
         predictor, pcard = load_exported(source)
         assert torch.allclose(predict_probs(predictor, pcard, paths), expected, atol=1e-5)
+
+
+#: the methods with a teacher term besides kd/graft, as tiny runs on the resnet8 teacher (extra config)
+TEACHER_TERM_METHODS = {
+    "fitnet": {"name": "fitnet", "hint": -1},
+    "at": {"name": "at"},
+    "mir": {"name": "mir", "ce_weight": 0.5, "kd_weight": 0.5},
+    "fskd": {"name": "fskd"},
+    "atf": {"name": "atf", "warmup_epochs": 0},
+    "dml": {"name": "dml", "peers": [{"name": "resnet8"}], "teacher_weight": 1.0},
+}
+
+
+@pytest.mark.parametrize("name", list(TEACHER_TERM_METHODS))
+def test_every_method_with_a_teacher_term_learns_from_the_unlabelled_rest(tmp_path, teacher, name):
+    """A run with train_rest records the unlabelled images it drew; in a step on labelled rows
+    followed by unlabelled rows (label -1), CE and accuracy equal those of the labelled rows alone,
+    the unlabelled rows' labels are never read, and the unlabelled images still move the loss."""
+    from graftkd.distributed import DistContext
+    from graftkd.experiment import build_student_factory
+    from graftkd.methods.base import METHODS, StepContext
+
+    data = {"shots": 2, "unlabeled": "train_rest", "unlabeled_batch_size": 6}
+    cfg = validate_config({**_base(tmp_path, **data), "name": name, "model": {"name": "resnet8"},
+                           "teachers": [{"checkpoint": str(teacher)}], "method": TEACHER_TERM_METHODS[name]})
+    run = execute(cfg)
+    m = json.loads((run / "metrics.json").read_text())
+    u = m["data"]["unlabeled"]
+    assert u["source"] == "train_rest" and u["images"] > 0 and u["drawn"] == m["steps"] * 6
+    assert m["data"]["counts"]["train"]["images"] == 4
+
+    # one step by hand, in eval mode (per-image BN): 4 labelled rows, then 6 unlabelled ones labelled -1
+    bundle = build_data(cfg.data, cfg.seed, work_dir=tmp_path)
+    method = METHODS.get(name)(cfg, bundle, build_student=build_student_factory(cfg, bundle.num_classes),
+                               run_dir=tmp_path / "by_hand", device=torch.device("cpu"), dist=DistContext())
+    phase = method.phases()[0]
+    method.start_phase(phase)
+    method.eval()
+    labelled = [bundle.train[i] for i in range(4)]
+    unlabelled = [bundle.unlabeled[j] for j in range(6)]
+    x = torch.stack([r["image"] for r in labelled + unlabelled]).requires_grad_(True)
+    y = torch.tensor([r["label"] for r in labelled] + [-1] * 6)
+    batch = {"image": x, "label": y, "labeled": y >= 0, "view": torch.zeros(10, dtype=torch.long),
+             "index": torch.tensor([r["index"] for r in labelled + unlabelled])}
+    ctx = StepContext(phase=phase, epoch=0, step=0, step_in_epoch=0, steps_per_epoch=1, phase_step=0, phase_steps=4)
+    out = method.training_step(batch, ctx)
+    with torch.no_grad():
+        logits = method.eval_logits(x[:4])
+    assert torch.allclose(out["ce"], F.cross_entropy(logits.float(), y[:4]), atol=1e-5), name
+    assert out["acc"].item() == (logits.argmax(1) == y[:4]).float().mean().item()
+    out["loss"].backward()
+    assert x.grad[4:].abs().sum() > 0, f"{name}: the unlabelled images do not reach the loss"
+    if name == "atf":  # the collapse check counts the labelled images only
+        method.window.zero_()
+        method.watch_collapse(torch.zeros(1, 10, 2), y, [True])
+        assert method.window[0].tolist() == [float((y[:4] == 0).sum()), 4.0]
+
+
+def test_dml_without_a_teacher_term_refuses_unlabelled_images(tmp_path):
+    cfg = validate_config({**_base(tmp_path, shots=2, unlabeled="train_rest"), "name": "dml",
+                           "model": {"name": "resnet8"}, "method": {"name": "dml", "peers": [{"name": "resnet8"}]}})
+    with pytest.raises(UserError, match="method 'dml' has no teacher-driven term.*dml with teachers and "
+                                        "method.teacher_weight > 0.*set data.unlabeled=null"):
+        execute(cfg)

@@ -189,7 +189,8 @@ class Trainer:
         ``data.unlabeled_batch_size`` of these (``join_batches``); the method must ``uses_unlabeled()``."""
         if unlabeled is not None and not method.uses_unlabeled():
             raise UserError(f"data.unlabeled is set, but method '{self.cfg.method.name}' has no teacher-driven term "
-                            f"that can use unlabelled images (kd, dkd and graft have); set data.unlabeled=null")
+                            f"that can use unlabelled images (kd, dkd, graft, fitnet, at, mir, fskd, atf have; dml with "
+                            f"teachers and method.teacher_weight > 0); set data.unlabeled=null")
         self.unlabeled = unlabeled
         method.to(self.device)
         if self.tc.channels_last:

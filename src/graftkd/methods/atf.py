@@ -49,7 +49,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -59,7 +58,8 @@ from graftkd.distributed import DistContext
 from graftkd.errors import UserError
 from graftkd.losses import divergences
 from graftkd.losses.standardize import soft_targets
-from graftkd.methods.base import METHODS, ExtraOutput, Method, OptimSpec, Phase, StepContext
+from graftkd.methods.base import (METHODS, UNLABELED, ExtraOutput, Method, OptimSpec, Phase, StepContext, labelled_acc,
+                                  labelled_ce)
 from graftkd.models import create_model
 from graftkd.models.staged import StagedModel
 from graftkd.teachers import fusion
@@ -336,15 +336,15 @@ class ATF(Method):
         zt = z.detach()
         w = fusion.weights(self.cfg.fusion.strategy, zt, y, self.val_acc0, self.cfg.fusion.tau)
         target = fusion.fuse(zt, w, T, m.standardize)
-        ce = F.cross_entropy(s, y)
+        ce = labelled_ce(s, y)
         kd = self.div(target, s)
         student_loss = m.ce_weight * ce + m.kd_weight * kd
-        out = {"ce": ce, "kd": kd, "student_loss": student_loss, "acc": (s.argmax(1) == y).float().mean()}
+        out = {"ce": ce, "kd": kd, "student_loss": student_loss, "acc": labelled_acc(s, y)}
         if m.mode == "offline":
             return {"loss": student_loss, **out}
         k, b, c = z.shape
         with torch.set_grad_enabled(update):
-            t_ce = F.cross_entropy(z.reshape(k * b, c), y.repeat(k)) * k  # sum over teachers
+            t_ce = labelled_ce(z.reshape(k * b, c), y.repeat(k)) * k  # sum over teachers, labelled images only
             teacher_loss = self.eff.teacher_ce_weight * t_ce
             out["teacher_ce"] = t_ce
             if m.mode != "offline_joint":
@@ -361,8 +361,11 @@ class ATF(Method):
                 teacher_loss = teacher_loss + self.eff.mu * drift
                 out["teacher_drift"] = drift
         out["teacher_loss"] = teacher_loss
-        out["teacher_acc"] = (zt.argmax(-1) == y).float().mean()
+        out["teacher_acc"] = labelled_acc(zt.flatten(0, 1), y.repeat(k))
         return {"loss": student_loss + teacher_loss if update else student_loss, **out}
+
+    def uses_unlabeled(self) -> bool:
+        return True  # the student's divergence and the teachers' term to the student need no label
 
     def teacher_logits(self, x: torch.Tensor, live: list[bool]) -> torch.Tensor:
         """[K, B, C] float32 logits of the teachers; the ``live`` ones with gradients (and, with
@@ -385,8 +388,9 @@ class ATF(Method):
         accuracy before training. Returns whether a teacher was stopped."""
         finite = torch.isfinite(z).flatten(1).all(1)  # [K]
         on = torch.tensor(live, device=z.device)
-        self.window[:, 0] += ((z.argmax(-1) == y).sum(1) * on).double()
-        self.window[:, 1] += on.double() * y.numel()
+        known = y != UNLABELED  # unlabelled images (data.unlabeled) have no accuracy
+        self.window[:, 0] += (((z.argmax(-1) == y) & known).sum(1) * on).double()
+        self.window[:, 1] += on.double() * int(known.sum())
         self.window_updates += 1
         bad = (~finite & on).double()
         due = int(self.window_updates) % self.eff.collapse_window == 0

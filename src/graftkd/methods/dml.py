@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from graftkd.config import ExperimentConfig, MethodConfig, ModelConfig
 from graftkd.errors import UserError
 from graftkd.losses import dml_loss, kd_loss_from_probs
-from graftkd.methods.base import METHODS, ExtraOutput, Method, Phase, StepContext, single_phase
+from graftkd.methods.base import METHODS, ExtraOutput, Method, Phase, StepContext, labelled_acc, labelled_ce, single_phase
 from graftkd.methods.kd import agreement
 from graftkd.models import count_params, create_model
 from graftkd.teachers.targets import Score, TeacherTargets, build_teacher_targets, teachers_report
@@ -64,13 +63,13 @@ class DML(Method):
         total = torch.zeros((), device=y.device)
         out: dict[str, torch.Tensor] = {}
         for k, s in enumerate(logits):
-            ce = F.cross_entropy(s.float(), y)
+            ce = labelled_ce(s.float(), y)
             mutual = dml_loss(s, [z for j, z in enumerate(logits) if j != k], m.temperature)
             loss = m.ce_weight * ce + m.kd_weight * mutual
             if target is not None and m.teacher_weight > 0:
                 loss = loss + m.teacher_weight * kd_loss_from_probs(s, target, m.temperature)
             total = total + loss
-            out[f"acc_peer{k}"] = (s.argmax(1) == y).float().mean()
+            out[f"acc_peer{k}"] = labelled_acc(s, y)
             if k == 0:
                 out.update(ce=ce, dml=mutual)
         out["acc"] = out["acc_peer0"]
@@ -79,6 +78,11 @@ class DML(Method):
         if target is not None:
             out["agreement"] = agreement(logits[0], target)
         return {"loss": total, **out}
+
+    def uses_unlabeled(self) -> bool:
+        """With teachers and ``teacher_weight`` > 0: the teacher term (and the mutual terms) learn from
+        every image, CE from the labelled ones; without a teacher term DML refuses ``data.unlabeled``."""
+        return self.targets is not None and self.m.teacher_weight > 0
 
     def student(self) -> nn.Module:
         return self.peers[0]

@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graftkd.config import ExperimentConfig
 from graftkd.errors import UserError
-from graftkd.methods.base import Method, Phase, single_phase
+from graftkd.methods.base import Method, Phase, labelled_acc, labelled_ce, single_phase
 from graftkd.losses import kd_loss_from_probs
 from graftkd.methods.graft import shared_boundaries
 from graftkd.models import count_params
@@ -73,8 +72,9 @@ class FeatureMethod(Method):
     def feature_losses(self, name: str, feature: Tensor, logits: Tensor, y: Tensor, teacher_logits: list[Tensor],
                        opts: Any) -> dict[str, Tensor]:
         """The step's named terms: ``ce_weight * CE + feat_weight * feature`` (logged as ``name``), plus
-        ``kd_weight * KD`` to the fused target of ``teacher_logits`` when kd_weight > 0."""
-        ce = F.cross_entropy(logits.float(), y)
+        ``kd_weight * KD`` to the fused target of ``teacher_logits`` when kd_weight > 0. CE and accuracy
+        use the labelled images only; the feature and KD terms every image (``data.unlabeled``)."""
+        ce = labelled_ce(logits.float(), y)
         out = {name: feature, "ce": ce}
         loss = opts.ce_weight * ce + opts.feat_weight * feature
         if opts.kd_weight > 0:
@@ -82,11 +82,26 @@ class FeatureMethod(Method):
                                            opts.temperature)
             loss = loss + opts.kd_weight * out["kd"]
         out["loss"] = loss
-        out["acc"] = (logits.argmax(1) == y).float().mean()
+        out["acc"] = labelled_acc(logits, y)
+        return out
+
+    def with_kd(self, out: dict[str, Tensor], loss: Tensor, logits: Tensor, batch: dict[str, Any],
+                opts: Any) -> dict[str, Tensor]:
+        """``out`` with ``kd`` (``T^2 KL`` to the fused soft target of ``self.targets``, when
+        ``opts.kd_weight > 0``), ``loss`` (``loss + kd_weight * kd``) and ``acc`` (labelled images):
+        the tail of MiR's and FSKD's steps."""
+        if opts.kd_weight > 0:
+            out["kd"] = kd_loss_from_probs(logits.float(), self.targets(batch), opts.temperature)
+            loss = loss + opts.kd_weight * out["kd"]
+        out["loss"] = loss
+        out["acc"] = labelled_acc(logits, batch["label"])
         return out
 
     def phases(self) -> list[Phase]:
         return single_phase(self.cfg, [p for p in self.parameters() if p.requires_grad])
+
+    def uses_unlabeled(self) -> bool:
+        return True  # the feature term (and the optional KD term) needs no label
 
     def eval_logits(self, images: Tensor) -> Tensor:
         return self.model(images)
