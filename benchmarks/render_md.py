@@ -784,6 +784,47 @@ def section_fewshot_unlabeled(d: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def section_defaults_all_methods(d: dict[str, Any]) -> str:
+    """Every registered method at its defaults on full-label digits (issue 23 item 2)."""
+    st = d["setting"]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in d["rows"]:
+        by.setdefault(r["method"], []).append(r)
+
+    def acc(rows: list[dict[str, Any]], get: Callable[[dict[str, Any]], float]) -> str:
+        v = [get(r) for r in rows]
+        return f"{pct(statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)} (min {100 * min(v):.1f})"
+
+    out, lowest = [], []
+    for name, rows in by.items():
+        roles = sorted({k for r in rows for k in r["adapted"]})
+        adapted = "; ".join(f"{k}: train {acc(rows, lambda r, k=k: r['adapted'][k]['train_acc'])}, "
+                            f"val {acc(rows, lambda r, k=k: r['adapted'][k]['val_acc'])}" for k in roles) or "-"
+        lowest += [v for r in rows for v in (r["student"]["train_acc"], r["student"]["val_acc"],
+                                             *(a[s] for a in r["adapted"].values() for s in ("train_acc", "val_acc")))]
+        out.append([name, f"`{json.dumps(rows[0]['config'])}`", acc(rows, lambda r: r["student"]["train_acc"]),
+                    acc(rows, lambda r: r["student"]["val_acc"]), adapted,
+                    sum(len(r["non_finite_losses"]) for r in rows), sum(len(r["stopped_teachers"]) for r in rows),
+                    f"{statistics.mean(r['cpu_seconds'] for r in rows):.1f}"])
+    required = "; ".join(f"{k}: {v['why']}" for k, v in st["required"].items()) or "none"
+    return "\n".join([
+        "## Every method at its defaults, full labels (issue 23)", "",
+        f"Command: `{d['command']}`{revision_text(d)}. Each registered method with `method: {{name: X}}` and "
+        f"nothing else for the method, on {st['data']} at {st['size']} px (augment {st['augment']}), student "
+        f"{st['student']}, the same supervised {st['teacher']['arch']} teacher ({st['teacher']['steps']} steps, "
+        f"validation accuracy {100 * st['teacher']['val_acc']:.1f}%), {st['steps']} optimiser steps at batch "
+        f"{st['batch']}, {seeds_text(d['seeds'])}. Accuracy of the final weights on the training and validation "
+        f"splits, mean ± sd over seeds (and the lowest seed), for the student and every network the method adapts "
+        f"and saves beside it; chance is {100 * st['chance']:.0f}%. Inputs a method has no default for: {required}. "
+        "The CI version (16 px, 200 steps, seed 0) is tests/methods/test_defaults_all_methods.py."
+        + (f" Revision: {d['revision_note']}." if d.get("revision_note") else ""), "",
+        table(["method", "config", "student train %", "student val %", "adapted networks %", "non-finite losses",
+               "teachers stopped", "CPU s per run"], out), "",
+        f"Lowest accuracy of any network on any split and seed: {100 * min(lowest):.1f}% "
+        f"({'no collapse' if min(lowest) > 0.5 else 'a COLLAPSE'}; chance {100 * st['chance']:.0f}%).",
+    ])
+
+
 def write_between_markers(path: Path, name: str, text: str) -> None:
     """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
@@ -813,6 +854,7 @@ SECTIONS: list[tuple[str, Callable[[Any], str]]] = [
     ("atf_full", section_atf_full),
     ("atf_full_histology", section_atf_full_histology),
     ("atf_full_200steps", section_atf_full_200steps),
+    ("defaults_all_methods", section_defaults_all_methods),
     ("latency", section_latency),
     ("vs_torchdistill", section_vs_torchdistill),
     ("inference_speed", section_inference),
@@ -844,6 +886,11 @@ def main() -> None:
     if tuning is not None:  # the ATF design study's table also lives in the method's page
         write_between_markers(ROOT / "docs" / "methods" / "atf.md", "atf_tuning",
                               section_atf_tuning(tuning).split("\n", 2)[2])
+    for name in ("atf_full", "atf_full_histology"):  # issue 23's full-label tables also live in ATF's page
+        data = load(name)
+        if data is not None:
+            write_between_markers(ROOT / "docs" / "methods" / "atf.md", name, "\n\n".join(
+                f"{study_caption(study)}\n\n{study_table(study)}" for study in data["studies"].values()))
     for name, render in (("graft_digits", section_graft_digits), ("graft_histology", section_graft_histology)):
         study = load(name)
         if study is not None:  # the design study's tables also live in the method's page
