@@ -124,13 +124,13 @@ class MiR(FeatureMethod):
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         x, y = batch["image"], batch["label"]
-        feats, logits = self._features(x)
         tv, t = self.T[self.k], self.targets.ensemble.teachers[self.k]
         with torch.no_grad():
             ft = tv.features(t.renormalised(x))
             target = tv.head_input(ft) if self.level == "pre_pool" else tv.pre_logits(ft).flatten(1)
         if self.m.standardize and not bool(self.standardized):
-            self._standardize_from(target.float())
+            self._standardize_from(target.float())  # before the student's logits read mu and s
+        feats, logits = self._features(x)
         shape = (1, -1) + (1,) * (target.dim() - 2)
         mse = F.mse_loss(feats.float(), (target.float() - self.t_shift.view(shape)) / self.t_scale)
         out = {"mimic": mse}
