@@ -209,3 +209,18 @@ def test_mir_student_agrees_with_a_trained_teacher_after_mimicking():
         agree = (m.eval_logits(xv).argmax(1) == teacher(xv).argmax(1)).float().mean()
         assert torch.equal(m.student().eval()(xv).argmax(1), m.eval_logits(xv).argmax(1))
     assert agree >= 0.9
+
+
+def test_mir_first_step_backpropagates_its_label_and_kd_terms_through_the_fitted_standardisation():
+    """mu and s are fitted on the first batch; the logits of that same step must already use them (and the
+    in-place fit must not break the step's backward pass)."""
+    t = targets_of(MODELS.get("resnet20")(num_classes=3))
+    m = MiR(cfg_of({"name": "mir", "ce_weight": 0.5}), MODELS.get("resnet8")(num_classes=3), t, 16, "resnet8", 0)
+    b = batch(size=16)
+    out = m.training_step(b, ctx(m))
+    out["loss"].backward()
+    assert bool(m.standardized) and float(m.t_scale) != 1.0
+    assert m.proj.weight.grad is not None and torch.isfinite(m.proj.weight.grad).all()
+    with torch.no_grad():
+        again = F.cross_entropy(m._features(b["image"])[1].float(), b["label"])
+    torch.testing.assert_close(out["ce"].detach(), again, rtol=1e-5, atol=1e-6)

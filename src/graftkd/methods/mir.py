@@ -128,8 +128,8 @@ class MiR(FeatureMethod):
         with torch.no_grad():
             ft = tv.features(t.renormalised(x))
             target = tv.head_input(ft) if self.level == "pre_pool" else tv.pre_logits(ft).flatten(1)
-        if self.m.standardize and not bool(self.standardized):  # before the logits use mu and s
-            self._standardize_from(target.float())
+        if self.m.standardize and not bool(self.standardized):
+            self._standardize_from(target.float())  # before the student's logits read mu and s
         feats, logits = self._features(x)
         shape = (1, -1) + (1,) * (target.dim() - 2)
         mse = F.mse_loss(feats.float(), (target.float() - self.t_shift.view(shape)) / self.t_scale)
