@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(Path(__file__).resolve().parent) not in sys.path:  # (the tests put it at the end)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_data import data_overrides, prepare, train_teacher  # noqa: E402
 
 #: the inputs a method has no default for, and why: without them its config does not validate
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     from graftkd.files import atomic_write_json
 
     torch.set_num_threads(1)
+    revision = code_revision()["commit"]  # the code measured (read before the runs, not after them)
     manifest = prepare(ROOT / "runs" / "digits")
     teacher_file = teacher(manifest, args.root / f"teachers_{args.size}", size=args.size, augment=args.augment,
                            steps=args.teacher_steps)
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     teacher_metrics = json.loads((teacher_file.parent / "metrics.json").read_text())
     atomic_write_json(args.out, {
-        "revision": code_revision()["commit"],
+        "revision": revision,
         "command": "python benchmarks/defaults_all_methods.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "setting": {"data": "scikit-learn digits, full labels (897 train, 300 val, 600 test)", "size": args.size,
                     "augment": args.augment, "batch": args.batch, "steps": args.steps, "student": STUDENT,

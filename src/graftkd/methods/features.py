@@ -85,6 +85,18 @@ class FeatureMethod(Method):
         out["acc"] = labelled_acc(logits, y)
         return out
 
+    def with_kd(self, out: dict[str, Tensor], loss: Tensor, logits: Tensor, batch: dict[str, Any],
+                opts: Any) -> dict[str, Tensor]:
+        """``out`` with ``kd`` (``T^2 KL`` to the fused soft target of ``self.targets``, when
+        ``opts.kd_weight > 0``), ``loss`` (``loss + kd_weight * kd``) and ``acc`` (labelled images):
+        the tail of MiR's and FSKD's steps."""
+        if opts.kd_weight > 0:
+            out["kd"] = kd_loss_from_probs(logits.float(), self.targets(batch), opts.temperature)
+            loss = loss + opts.kd_weight * out["kd"]
+        out["loss"] = loss
+        out["acc"] = labelled_acc(logits, batch["label"])
+        return out
+
     def phases(self) -> list[Phase]:
         return single_phase(self.cfg, [p for p in self.parameters() if p.requires_grad])
 

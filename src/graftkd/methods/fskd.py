@@ -29,8 +29,7 @@ from torch import Tensor, nn
 
 from graftkd.config import ExperimentConfig, MethodConfig, OptimizerConfig, ScheduleConfig
 from graftkd.errors import UserError
-from graftkd.losses import kd_loss_from_probs
-from graftkd.methods.base import METHODS, OptimSpec, Phase, StepContext, labelled_acc, labelled_ce
+from graftkd.methods.base import METHODS, OptimSpec, Phase, StepContext, labelled_ce
 from graftkd.methods.features import FeatureMethod, chosen_teacher
 from graftkd.models.staged import StagedModel, fold_into_convs, fold_into_linear, make_bridge
 from graftkd.teachers.targets import build_teacher_targets
@@ -134,12 +133,7 @@ class FSKD(FeatureMethod):
         else:
             out["ce"] = labelled_ce(logits.float(), y)
             loss = self.m.ce_weight * out["ce"]
-        if self.m.kd_weight > 0:
-            out["kd"] = kd_loss_from_probs(logits.float(), self.targets(batch), self.m.temperature)
-            loss = loss + self.m.kd_weight * out["kd"]
-        out["loss"] = loss
-        out["acc"] = labelled_acc(logits, y)
-        return out
+        return self.with_kd(out, loss, logits, batch, self.m)
 
     def eval_logits(self, images: Tensor) -> Tensor:
         return self._forward(images)[1]
