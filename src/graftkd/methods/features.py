@@ -7,7 +7,7 @@ Not a method: it registers nothing.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -75,26 +75,19 @@ class FeatureMethod(Method):
         ``kd_weight * KD`` to the fused target of ``teacher_logits`` when kd_weight > 0. CE and accuracy
         use the labelled images only; the feature and KD terms every image (``data.unlabeled``)."""
         ce = labelled_ce(logits.float(), y)
-        out = {name: feature, "ce": ce}
-        loss = opts.ce_weight * ce + opts.feat_weight * feature
+        return self.with_kd({name: feature, "ce": ce}, opts.ce_weight * ce + opts.feat_weight * feature, logits, y,
+                            opts, lambda: self.fused_target(teacher_logits, y, opts.temperature))
+
+    def with_kd(self, out: dict[str, Tensor], loss: Tensor, logits: Tensor, y: Tensor, opts: Any,
+                target: Callable[[], Tensor]) -> dict[str, Tensor]:
+        """``out`` with ``kd`` (``T^2 KL`` to the soft target ``target()``, computed only when
+        ``opts.kd_weight > 0``), ``loss`` (``loss + kd_weight * kd``) and ``acc`` (labelled images):
+        the tail of every feature method's step."""
         if opts.kd_weight > 0:
-            out["kd"] = kd_loss_from_probs(logits.float(), self.fused_target(teacher_logits, y, opts.temperature),
-                                           opts.temperature)
+            out["kd"] = kd_loss_from_probs(logits.float(), target(), opts.temperature)
             loss = loss + opts.kd_weight * out["kd"]
         out["loss"] = loss
         out["acc"] = labelled_acc(logits, y)
-        return out
-
-    def with_kd(self, out: dict[str, Tensor], loss: Tensor, logits: Tensor, batch: dict[str, Any],
-                opts: Any) -> dict[str, Tensor]:
-        """``out`` with ``kd`` (``T^2 KL`` to the fused soft target of ``self.targets``, when
-        ``opts.kd_weight > 0``), ``loss`` (``loss + kd_weight * kd``) and ``acc`` (labelled images):
-        the tail of MiR's and FSKD's steps."""
-        if opts.kd_weight > 0:
-            out["kd"] = kd_loss_from_probs(logits.float(), self.targets(batch), opts.temperature)
-            loss = loss + opts.kd_weight * out["kd"]
-        out["loss"] = loss
-        out["acc"] = labelled_acc(logits, batch["label"])
         return out
 
     def phases(self) -> list[Phase]:

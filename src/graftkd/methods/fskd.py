@@ -133,7 +133,7 @@ class FSKD(FeatureMethod):
         else:
             out["ce"] = labelled_ce(logits.float(), y)
             loss = self.m.ce_weight * out["ce"]
-        return self.with_kd(out, loss, logits, batch, self.m)
+        return self.with_kd(out, loss, logits, y, self.m, lambda: self.targets(batch))
 
     def eval_logits(self, images: Tensor) -> Tensor:
         return self._forward(images)[1]

@@ -138,7 +138,7 @@ class MiR(FeatureMethod):
         if self.m.ce_weight > 0:
             out["ce"] = labelled_ce(logits.float(), y)
             loss = loss + self.m.ce_weight * out["ce"]
-        return self.with_kd(out, loss, logits, batch, self.m)
+        return self.with_kd(out, loss, logits, y, self.m, lambda: self.targets(batch))
 
     def eval_logits(self, images: Tensor) -> Tensor:
         return self._features(images)[1]
